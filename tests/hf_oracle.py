@@ -1,0 +1,60 @@
+"""Tiny random transformers models (the test-only oracle) in both LLM families, every tensor re-randomised."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+              patch_size=6)
+QFORMER = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+               cross_attention_frequency=2, max_position_embeddings=40)
+LLAMA = dict(model_type="llama", vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+T5 = dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+          num_heads=4, feed_forward_proj="gated-gelu", dense_act_fn="gelu", relative_attention_num_buckets=8,
+          relative_attention_max_distance=20, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+          decoder_start_token_id=0)
+NUM_QUERY_TOKENS = 4
+IMAGE_TOKEN = 98
+
+
+def hf_config(family: str, **overrides):
+    import transformers
+
+    text = dict(LLAMA if family == "llama" else T5)
+    text_cls = transformers.LlamaConfig if family == "llama" else transformers.T5Config
+    kind = text.pop("model_type")
+    assert kind in ("llama", "t5")
+    config = transformers.InstructBlipConfig(
+        vision_config=transformers.InstructBlipVisionConfig(**VISION).to_dict(),
+        qformer_config=transformers.InstructBlipQFormerConfig(**QFORMER).to_dict(),
+        text_config=text_cls(**text).to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN,
+        **overrides,
+    )
+    return config
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every tensor random values (transformers initialises the vision weights near zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.2
+            is_norm = ("norm" in name.lower() or "layernorm" in name.lower()) and name.endswith("weight")
+            p.copy_(1.0 + noise if is_norm else noise)
+    return model
+
+
+def hf_model(family: str, seed: int = 0, cls_name: str = "InstructBlipForConditionalGeneration", **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(hf_config(family, **overrides))
+    lm = model.language_model
+    if family == "t5" and hasattr(lm, "lm_head"):  # Flan-T5: an lm_head of its own (5.x ties it at init)
+        lm.lm_head.weight = nn.Parameter(torch.empty_like(lm.lm_head.weight))
+    return randomize(model, seed).eval()
