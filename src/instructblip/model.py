@@ -238,6 +238,20 @@ class InstructBlipForConditionalGeneration(InstructBlipModel):
 
     has_lm_head = True
 
+    @torch.no_grad()
+    def generate(self, **kwargs) -> Tensor:
+        """Generate with a KV cache; returns the new tokens only. See `instructblip.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, **kwargs)
+
+    @torch.no_grad()
+    def rank(self, inputs: dict, candidates, **kwargs):
+        """Score candidate answers by log-likelihood. See `instructblip.generation.rank`."""
+        from .generation import rank
+
+        return rank(self, inputs, candidates, **kwargs)
+
 
 def build_labels(input_ids: Tensor, attention_mask: Tensor | None = None, prompt_lengths: Tensor | None = None,
                  image_token_id: int | None = None) -> Tensor:
