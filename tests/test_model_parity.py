@@ -2,7 +2,6 @@
 1e-5 in fp32, with batch > 1 and padded instructions, in both image-token schemes."""
 
 import json
-import os
 import shutil
 
 import pytest

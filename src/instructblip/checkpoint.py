@@ -156,9 +156,11 @@ def _t5_map(c: T5Config, lm_head: bool) -> list[Entry]:
     return out
 
 
-def weight_map(config: InstructBlipConfig, has_lm_head: bool = True) -> list[Entry]:
+def weight_map(config: InstructBlipConfig, has_lm_head: bool = True, body_prefix: str | None = None) -> list[Entry]:
     """Every tensor of our model with the HF keys it is made of, for `InstructBlipForConditionalGeneration`
-    (`has_lm_head`) or `InstructBlipModel`. A tied head (`tie_word_embeddings`) has no entry."""
+    (`has_lm_head`) or `InstructBlipModel`. A tied head (`tie_word_embeddings`) has no entry.
+    `body_prefix`: where the LLaMA body lives, `language_model.model.` (with a head) or `language_model.` (without);
+    the base model also reads the former."""
     text = config.text_config
     untied_head = has_lm_head and not text.tie_word_embeddings
     out = [Entry("query_tokens", ("query_tokens",)),
@@ -168,7 +170,8 @@ def weight_map(config: InstructBlipConfig, has_lm_head: bool = True) -> list[Ent
     if isinstance(text, T5Config):
         out += _t5_map(text, untied_head)
     else:
-        out += _llama_map(text, "language_model.model." if has_lm_head else "language_model.", untied_head)
+        prefix = body_prefix or ("language_model.model." if has_lm_head else "language_model.")
+        out += _llama_map(text, prefix, untied_head)
     return out
 
 
@@ -318,7 +321,8 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
     text = config.text_config
     if cls.has_lm_head and text.tie_word_embeddings and "language_model.lm_head.weight" in reader.where:
         text.tie_word_embeddings = False
-    entries = weight_map(config, cls.has_lm_head)
+    body_prefix = "language_model.model." if "language_model.model.norm.weight" in reader.where else None
+    entries = weight_map(config, cls.has_lm_head, body_prefix)
     with torch.device("meta"):
         model = cls(config)
     targets = {name: t.shape for name, t in model.state_dict().items()}

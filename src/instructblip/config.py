@@ -189,6 +189,7 @@ class LlamaConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            _check_heads(self, "hidden_size", "num_attention_heads")
             self.head_dim = self.hidden_size // self.num_attention_heads
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                         "num_attention_heads", "num_key_value_heads", "head_dim")
@@ -207,7 +208,6 @@ class LlamaConfig:
                 raise ConfigError(f"text_config: rope type {kind!r} is not supported (only 'default')")
         if "rope_theta" in rope:
             data["rope_theta"] = rope["rope_theta"]
-        data.pop("pretraining_tp", None)  # always 1 in practice; meaningless at inference
         return _from_known_fields(cls, data, "text_config")
 
     def to_dict(self) -> dict:
@@ -274,13 +274,13 @@ class T5Config:
     def from_dict(cls, data: dict) -> T5Config:
         data = dict(data)
         data.pop("is_gated_act", None)  # derived
-        data.pop("is_encoder_decoder", None)
         return _from_known_fields(cls, data, "text_config")
 
     def to_dict(self) -> dict:
         out = _to_dict(self)
         out["is_gated_act"] = self.is_gated_act
-        out["is_encoder_decoder"] = True
+        if out["bos_token_id"] is None:  # transformers' T5Config has no bos by default and writes none
+            del out["bos_token_id"]
         return dict(sorted(out.items()))
 
 
@@ -378,7 +378,6 @@ class InstructBlipConfig:
                 )
         data = dict(data)
         data.pop("use_decoder_only_language_model", None)  # derived from text_config.model_type
-        data.pop("is_encoder_decoder", None)
         if "image_token_id" in data and "image_token_index" not in data:
             data["image_token_index"] = data.pop("image_token_id")
         return _from_known_fields(cls, data, "config.json")
@@ -396,8 +395,6 @@ class InstructBlipConfig:
             "initializer_range": self.initializer_range,
             "use_decoder_only_language_model": self.use_decoder_only_language_model,
         }
-        if self.is_encoder_decoder:
-            out["is_encoder_decoder"] = True
         for key, value in self.extra.items():
             out.setdefault(key, copy.deepcopy(value))
         return dict(sorted(out.items()))

@@ -46,8 +46,10 @@ class InstructBlipModel(nn.Module):
     # ---- loading and saving (HF layout; see checkpoint.py) ----
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                         device: str | torch.device = "cpu", **kwargs):
+        """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
+        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
