@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -183,13 +182,74 @@ def _expected_part_shape(shape: torch.Size, entry: Entry, i: int) -> tuple[int, 
 # Reading the files
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class _SafetensorsFile:
+    """One .safetensors file read with plain file I/O straight into the destination tensors.
+
+    The safetensors library memory-maps the file; the pages it touches stay resident while the handle lives, which
+    would count the weights twice while a model loads. The format is a little-endian u64 header length, a JSON
+    header of {name: {dtype, shape, data_offsets}} and the raw bytes, so reading it directly is short.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+            self.start = 8 + n
+            header.pop("__metadata__", None)
+            self.entries = {}
+            for key, info in header.items():
+                begin, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                nbytes = torch.Size(shape).numel() * dtype.itemsize
+                if end - begin != nbytes or begin < 0:
+                    raise ValueError(f"{key}: data_offsets {begin}..{end} do not hold {shape} of {info['dtype']}")
+                self.entries[key] = (dtype, shape, begin)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt? re-download or re-save it): {e}"
+            ) from None
+        needed = self.start + max((b + _nbytes(d, s) for d, s, b in self.entries.values()), default=0)
+        if size < needed:
+            raise CheckpointError(
+                f"{path} is truncated: its header describes {needed} bytes but the file has {size} "
+                "(re-download or re-save it)"
+            )
+
+    def read_into(self, key: str, out: Tensor) -> None:
+        """Copy tensor `key` into `out` (same shape; any dtype and device)."""
+        dtype, shape, begin = self.entries[key]
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        buffer = out if direct else torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(memoryview(buffer.view(-1).view(torch.uint8).numpy()))
+        if not direct:
+            out.copy_(buffer)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
 class _Reader:
-    """The tensors of a checkpoint directory, read lazily from safetensors (or legacy .bin) files."""
+    """The tensors of a checkpoint directory: safetensors (single or sharded) or legacy weights-only .bin files."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.where: dict[str, str] = {}  # key -> file
-        self._open: dict[str, object] = {}
+        self._safetensors: dict[str, _SafetensorsFile] = {}
         self._bins: dict[str, dict[str, Tensor]] = {}
         files = os.listdir(directory)
         if SAFE_INDEX in files:
@@ -223,15 +283,8 @@ class _Reader:
     def _add(self, file: str) -> None:
         path = os.path.join(self.directory, file)
         if file.endswith(".safetensors"):
-            try:
-                handle = safe_open(path, framework="pt")
-                keys = list(handle.keys())
-            except Exception as e:  # SafetensorError: truncated header or data, not safetensors at all
-                raise CheckpointError(
-                    f"{path} is not a readable safetensors file (truncated or corrupt? re-download or re-save it): {e}"
-                ) from None
-            _check_data_length(path, handle)
-            self._open[file] = handle
+            self._safetensors[file] = _SafetensorsFile(path)
+            keys = list(self._safetensors[file].entries)
         else:
             try:  # never unpickle arbitrary objects
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -248,36 +301,24 @@ class _Reader:
         file = self.where[key]
         if file in self._bins:
             return tuple(self._bins[file][key].shape)
-        return tuple(self._open[file].get_slice(key).get_shape())
+        return self._safetensors[file].entries[key][1]
 
-    def tensor(self, key: str) -> Tensor:
+    def dtype(self, key: str) -> torch.dtype:
+        file = self.where[key]
+        return self._bins[file][key].dtype if file in self._bins else self._safetensors[file].entries[key][0]
+
+    def read_into(self, key: str, out: Tensor) -> None:
         file = self.where[key]
         if file in self._bins:
-            return self._bins[file][key]
-        return self._open[file].get_tensor(key)
+            out.copy_(self._bins[file][key])
+        else:
+            self._safetensors[file].read_into(key, out)
 
     def first_float_dtype(self) -> torch.dtype | None:
         for key in self.where:
-            if key == "query_tokens":
-                continue  # kept in fp32 whatever the rest is
-            dtype = self.tensor(key).dtype
-            if dtype.is_floating_point:
-                return dtype
+            if key != "query_tokens" and self.dtype(key).is_floating_point:  # query_tokens stay fp32 in any case
+                return self.dtype(key)
         return None
-
-
-def _check_data_length(path: str, handle) -> None:
-    """safetensors opens a file whose data section is cut short; catch that at once, not at the first read."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    size = os.path.getsize(path)
-    if size < 8 + header_len + end:
-        raise CheckpointError(
-            f"{path} is truncated: its header describes {8 + header_len + end} bytes but the file has {size} "
-            "(re-download or re-save it)"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,17 +379,15 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
         legacy = _legacy_qkv_bias(entry)
         if entry.parts[0] not in reader.where and legacy:  # q_bias | zeros | v_bias
             width = shape[0] // 3
-            out[:width].copy_(reader.tensor(legacy[0]))
+            reader.read_into(legacy[0], out[:width])
             out[width:2 * width].zero_()
-            out[2 * width:].copy_(reader.tensor(legacy[1]))
-        elif entry.rows is None:
-            out.copy_(reader.tensor(entry.parts[0]))
-        else:  # a fused tensor: its parts stacked along dim 0
+            reader.read_into(legacy[1], out[2 * width:])
+        else:  # one tensor, or a fused tensor: its parts stacked along dim 0
             start = 0
             for key in entry.parts:
-                src = reader.tensor(key)
-                out[start:start + src.shape[0]].copy_(src)
-                start += src.shape[0]
+                rows = reader.shape(key)[0] if entry.rows is not None else shape[0]
+                reader.read_into(key, out[start:start + rows] if entry.rows is not None else out)
+                start += rows
         state[entry.ours] = out
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()

@@ -1,0 +1,100 @@
+"""Peak memory and time while loading a ~1 GB bf16 checkpoint: ours against transformers, same files.
+
+    python benchmarks/load_memory.py [--size-gb 1.0] [--dir /tmp/ib-load-bench]
+
+Each load runs in a fresh process; the figure is the rise of the process's peak resident memory (VmHWM) over its
+resident memory just before the load, divided by the size of the weights on disk. Target: at most 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, sys, time, torch
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+which, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if which == "ours":
+    from instructblip import InstructBlipForConditionalGeneration as M
+    kw = {"dtype": dtype}
+else:
+    import transformers
+    from transformers import InstructBlipForConditionalGeneration as M
+    transformers.logging.set_verbosity_error()
+    kw = {"dtype": dtype}
+base = rss("VmRSS")
+t = time.perf_counter()
+model = M.from_pretrained(path, **kw)
+seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "peak_rise": rss("VmHWM") - base,
+                  "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def build(directory: str, size_gb: float) -> int:
+    """Random bf16 weights: a ViT-g-width vision encoder with as many layers as fit the size, small rest."""
+    import torch
+
+    from instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    per_layer = 4 * 1408 * 1408 + 2 * 1408 * 6144  # vision block weights (biases are noise)
+    layers = max(1, round(size_gb * 1e9 / 2 / per_layer))
+    config = InstructBlipConfig(
+        vision_config=dict(num_hidden_layers=layers),
+        qformer_config=dict(vocab_size=30523, num_hidden_layers=2),
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=512, intermediate_size=1376,
+                         num_hidden_layers=2, num_attention_heads=8),
+        num_query_tokens=32, image_token_index=32001,
+    )
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(directory, max_shard_size="400MB")
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
+
+
+def measure(which: str, directory: str, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, which, directory, dtype], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--dir", default="/tmp/ib-load-bench")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    t = time.perf_counter()
+    size = build(args.dir, args.size_gb)
+    print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {args.dir} (built in {time.perf_counter() - t:.0f} s)\n")
+    rows = [("ours", "bfloat16"), ("ours", "float32")]
+    if not args.skip_transformers:
+        rows += [("transformers", "bfloat16"), ("transformers", "float32")]
+    print(f"| {'loader':<12} | {'dtype':<8} | {'time s':>6} | {'peak rise GB':>12} | {'x weights in memory':>19} |")
+    print(f"|{'-' * 14}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 21}|")
+    results = {}
+    for which, dtype in rows:
+        r = measure(which, args.dir, dtype)
+        in_memory = size * (2 if dtype == "float32" else 1)  # the loaded weights' own size
+        ratio = r["peak_rise"] / in_memory
+        results[(which, dtype)] = r
+        print(f"| {which:<12} | {dtype:<8} | {r['seconds']:>6.2f} | {r['peak_rise'] / 1e9:>12.2f} | {ratio:>19.2f} |")
+    ours = results[("ours", "bfloat16")]["peak_rise"] / size
+    print(f"\nours, bf16: peak rise {ours:.2f}x the checkpoint size (target <= 1.30): {'PASS' if ours <= 1.3 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
