@@ -156,3 +156,23 @@ def test_gradient_checkpointing_gives_same_gradients(hf_checkpoints):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_vision_cache_runs_the_encoder_once_per_image(hf_checkpoints):
+    _, directory = hf_checkpoints["t5"]
+    model = InstructBlipForConditionalGeneration.from_pretrained(directory)
+    inputs = make_inputs("t5")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    model.enable_vision_cache(max_images=8)
+    calls = []
+    model.vision_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        for _ in range(5):  # five "instructions" about the same three images
+            torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
+    assert calls == [3]  # the vision encoder ran once, on the three images
+    assert (model.vision_cache.hits, model.vision_cache.misses) == (12, 3)
+    model.enable_vision_cache(max_images=2)  # bounded: only the last two images are kept
+    with torch.no_grad():
+        model(**inputs)
+    assert len(model.vision_cache.entries) == 2

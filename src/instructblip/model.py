@@ -8,7 +8,9 @@ Image features enter the language model in one of two ways, chosen by `config.im
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import InstructBlipConfig
 from .llama import Llama
-from .outputs import ImageFeaturesOutput, InstructBlipOutput
+from .outputs import EncoderOutput, ImageFeaturesOutput, InstructBlipOutput
 from .qformer import InstructBlipQFormerModel
 from .t5 import T5
 from .vision import InstructBlipVisionModel
@@ -42,6 +44,12 @@ class InstructBlipModel(nn.Module):
             self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
         else:
             self.language_model = Llama(text, lm_head=self.has_lm_head)
+        self.vision_cache: VisionCache | None = None
+
+    def enable_vision_cache(self, max_images: int = 64) -> None:
+        """Keep the vision encoder's output for the last `max_images` images (keyed by their pixel values), so that
+        several instructions about one image run the vision encoder once. Used only without gradients."""
+        self.vision_cache = VisionCache(max_images) if max_images > 0 else None
 
     # ---- loading and saving (HF layout; see checkpoint.py) ----
 
@@ -104,8 +112,11 @@ class InstructBlipModel(nn.Module):
     ) -> ImageFeaturesOutput:
         """Steps 1-3: image -> vision features -> Q-Former (queries + instruction) -> projected query outputs
         (B, num_query_tokens, text hidden size) in `pooler_output`."""
-        vision = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                   output_hidden_states=output_hidden_states)
+        if self.vision_cache is not None and not output_hidden_states and not torch.is_grad_enabled():
+            vision = self.vision_cache.encode(self.vision_model, pixel_values, interpolate_pos_encoding)
+        else:
+            vision = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       output_hidden_states=output_hidden_states)
         image_embeds = vision.last_hidden_state  # (B, 1 + patches, D_vision)
         B = image_embeds.shape[0]
         queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, D_qformer)
@@ -253,6 +264,46 @@ class InstructBlipForConditionalGeneration(InstructBlipModel):
         from .generation import rank
 
         return rank(self, inputs, candidates, **kwargs)
+
+
+class VisionCache:
+    """A bounded LRU cache of vision-encoder outputs keyed by a hash of each image's pixel values."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+        self.entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixels: Tensor, interpolate: bool) -> tuple:
+        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return hashlib.sha1(data).hexdigest(), tuple(pixels.shape), interpolate
+
+    def encode(self, vision_model: InstructBlipVisionModel, pixel_values: Tensor, interpolate: bool):
+        keys = [self.key(p, interpolate) for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = {}
+        if missing:
+            unique = list(dict.fromkeys(keys[i] for i in missing))  # the same image twice in a batch: encode once
+            first = [keys.index(k) for k in unique]
+            out = vision_model(pixel_values[first], interpolate_pos_encoding=interpolate).last_hidden_state
+            fresh = dict(zip(unique, out, strict=True))
+        rows = []
+        for k in keys:
+            row = fresh.get(k)
+            if row is None:
+                row = self.entries[k]
+                self.entries.move_to_end(k)
+            rows.append(row)
+        for k, row in fresh.items():
+            self.entries[k] = row
+            if len(self.entries) > self.max_images:
+                self.entries.popitem(last=False)
+        stacked = torch.stack(rows)  # (B, 1 + patches, D_vision)
+        return EncoderOutput(last_hidden_state=stacked, pooler_output=vision_model.post_layernorm(stacked[:, 0]))
 
 
 def build_labels(input_ids: Tensor, attention_mask: Tensor | None = None, prompt_lengths: Tensor | None = None,
