@@ -14,14 +14,25 @@ from .config import (
     T5Config,
 )
 from .hub import CheckpointNotFoundError
+from .image_processing import BlipImageProcessor, InstructBlipImageProcessor
 from .model import IGNORE_INDEX, InstructBlipForConditionalGeneration, InstructBlipModel, build_labels
+from .pipeline import InstructBlip, load
+from .processor import BatchFeature, InstructBlipProcessor
 from .qformer import InstructBlipQFormerModel
+from .tokenization import Tokenizer
 from .vision import InstructBlipVisionModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IGNORE_INDEX",
+    "BatchFeature",
+    "BlipImageProcessor",
+    "InstructBlip",
+    "InstructBlipImageProcessor",
+    "InstructBlipProcessor",
+    "Tokenizer",
+    "load",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",

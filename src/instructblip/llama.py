@@ -52,10 +52,14 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam search): row i becomes old row index[i]."""
+        """Row i becomes old row index[i] (beam search reorders; expanding for beams may change the batch size)."""
+        n = self.length
         for cache in (self.keys, self.values):
             for i, t in enumerate(cache):
-                cache[i] = t.index_select(0, index)
+                if index.numel() == t.shape[0]:  # same batch (beam step): move only the filled positions, in place
+                    t[:, :, :n] = t[:, :, :n].index_select(0, index)
+                else:  # a new batch size (expanding rows for beams or several samples)
+                    cache[i] = t.index_select(0, index)
 
 
 def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -98,7 +102,7 @@ class LlamaAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None and T > 1 and cache is None,
+            is_causal=mask is None and T > 1,  # _mask returns None for several queries only when past == 0
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
