@@ -207,8 +207,8 @@ print(generated_text)
 def test_transformers_documentation_snippet_runs_with_only_the_import_changed(ckpt, images):
     texts = {}
     for lib in ("instructblip", "transformers"):
-        code = SNIPPET.format(import_line=f"from {lib} import InstructBlipProcessor, InstructBlipForConditionalGeneration",
-                              ckpt=ckpt, image=images[0])
+        line = f"from {lib} import InstructBlipProcessor, InstructBlipForConditionalGeneration"
+        code = SNIPPET.format(import_line=line, ckpt=ckpt, image=images[0])
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         texts[lib] = out.stdout.strip().splitlines()[-1]

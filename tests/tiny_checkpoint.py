@@ -28,7 +28,8 @@ def make_full_checkpoint(directory: Path, family: str = "t5", seed: int = 0) -> 
                                         pad_token_id=32000, tie_word_embeddings=False)
         image_token = 32001
     config = transformers.InstructBlipConfig(
-        vision_config=transformers.InstructBlipVisionConfig(**{**VISION, "image_size": 224, "patch_size": 32}).to_dict(),
+        vision_config=transformers.InstructBlipVisionConfig(**{**VISION, "image_size": 224,
+                                                                "patch_size": 32}).to_dict(),
         qformer_config=transformers.InstructBlipQFormerConfig(**{**QFORMER, "vocab_size": 30523,
                                                                   "max_position_embeddings": 512}).to_dict(),
         text_config=text.to_dict(), num_query_tokens=NUM_QUERY_TOKENS, image_token_index=image_token,
