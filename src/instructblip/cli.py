@@ -6,6 +6,7 @@
     instructblip info [M]
     instructblip convert-lavis --lavis-checkpoint X.pth --vision eva_vit_g.pth --llm DIR --out DIR
     instructblip bench
+    instructblip train | eval | serve ...   (flags of their own: `instructblip train --help`)
 
 User errors (a missing file, something that is not an image, an unknown model, bad flags) print one line and exit
 with status 2; failures while running exit with status 1. Set INSTRUCTBLIP_DEBUG=1 to see tracebacks.
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
 
     sub.add_parser("bench", help="how to run the benchmarks", description="Print how to run the benchmarks.")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -362,26 +365,41 @@ def _write_line(fd: int, record: dict) -> None:
 
 COMMANDS = {"ask": cmd_ask, "caption": cmd_caption, "batch": cmd_batch, "info": cmd_info,
             "convert-lavis": cmd_convert_lavis, "bench": cmd_bench}
+# commands with flags of their own: module.main(argv) parses the rest of the command line
+DELEGATED = {
+    "train": ("instructblip.train", "instruction-tune a model (torchrun-ready)"),
+    "eval": ("instructblip.evaluate", "zero-shot evaluation on the paper's benchmarks"),
+    "serve": ("instructblip.server", "an OpenAI-compatible HTTP server with a web page"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        command, rest = argv[0], argv[1:]
+        run = lambda: importlib.import_module(DELEGATED[command][0]).main(rest)  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        run = lambda: COMMANDS[command](args)  # noqa: E731
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .hub import CheckpointNotFoundError
 
     try:
-        return COMMANDS[args.command](args)
+        return run()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except (UsageError, CheckpointNotFoundError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         if os.environ.get("INSTRUCTBLIP_DEBUG"):
             raise
-        print(f"instructblip {args.command}: error: {e}", file=sys.stderr)
+        print(f"instructblip {command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a failure while running: one line, status 1
         if os.environ.get("INSTRUCTBLIP_DEBUG"):
             raise
-        print(f"instructblip {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"instructblip {command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
