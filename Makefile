@@ -22,5 +22,8 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
+demo: $(STAMP)
+	$(BIN)/instructblip ask examples/chelsea.jpg "What is in this picture?"
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -219,3 +219,10 @@ def test_module_and_console_script_agree():
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "instructblip"), "bench"],
                          capture_output=True, text=True, env=ENV)
     assert out.returncode == 0 and "benchmarks" in out.stdout
+
+
+def test_default_model_is_used_when_none_is_named():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = run("ask", os.path.join(root, "examples", "chelsea.jpg"), "What is in this picture?", "--max-new-tokens", 5)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()

@@ -204,8 +204,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {n / 1e6:>12,.1f} M parameters")
     print(f"  {'total':<20} {total / 1e6:>12,.1f} M parameters")
     print(f"stored as:  {str(stored).removeprefix('torch.')}")
-    print(f"memory for the weights: float32 {total * 4 / 2**30:.2f} GiB, bfloat16/float16 {total * 2 / 2**30:.2f} GiB")
+    print(f"memory for the weights: float32 {_bytes(total * 4)}, bfloat16/float16 {_bytes(total * 2)} "
+          "(plus activations and, for generation, the KV cache)")
     return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def cmd_convert_lavis(args: argparse.Namespace) -> int:
