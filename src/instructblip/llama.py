@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
+from .ops import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +88,8 @@ class LlamaAttention(nn.Module):
         self.dropout = config.attention_dropout
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
@@ -115,8 +116,8 @@ class LlamaBlock(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = LlamaAttention(config, layer)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
@@ -136,7 +137,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.has_lm_head = lm_head
         untied = lm_head and not config.tie_word_embeddings
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
         self.gradient_checkpointing = False
 
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
@@ -193,4 +194,4 @@ class Llama(nn.Module):
         return mask
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
+        return linear(hidden, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)

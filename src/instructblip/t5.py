@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import T5Config
 from .llama import KVCache
+from .ops import Linear, linear
 
 _ACT = {
     "gelu": F.gelu,
@@ -67,11 +68,11 @@ class T5Attention(nn.Module):
         inner = config.num_heads * config.d_kv
         self.cross = cross
         if cross:
-            self.q = nn.Linear(config.d_model, inner, bias=False)
-            self.kv = nn.Linear(config.d_model, 2 * inner, bias=False)
+            self.q = Linear(config.d_model, inner, bias=False)
+            self.kv = Linear(config.d_model, 2 * inner, bias=False)
         else:
-            self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+            self.qkv = Linear(config.d_model, 3 * inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
         self.dropout = config.dropout_rate
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -104,8 +105,8 @@ class T5FeedForward(nn.Module):
         super().__init__()
         self.gated = config.is_gated_act
         self.d_ff = config.d_ff
-        self.wi = nn.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=False)  # wi_0 | wi_1
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi = Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=False)  # wi_0 | wi_1
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.act = _ACT[config.dense_act_fn]
         self.dropout = config.dropout_rate
 
@@ -244,7 +245,7 @@ class T5(nn.Module):
         self.decoder = T5Stack(config, is_decoder=True)
         self.has_lm_head = lm_head
         untied = lm_head and not config.tie_word_embeddings
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False) if untied else None
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False) if untied else None
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -277,7 +278,7 @@ class T5(nn.Module):
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model**-0.5
         weight = self.lm_head.weight if self.lm_head is not None else self.shared.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)
 
     def shift_right(self, labels: Tensor) -> Tensor:
         """Decoder inputs for teacher forcing: [decoder_start, labels[:-1]], with -100 replaced by pad."""

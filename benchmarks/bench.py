@@ -1,0 +1,397 @@
+"""Ours against transformers on identical random weights, in one process, alternating, several repetitions.
+
+    python benchmarks/bench.py                   # every workload (about 10 minutes on 2 cores)
+    python benchmarks/bench.py --only b c d      # some of them
+    make bench                                   # the same, writing benchmarks/RESULTS.md
+
+Workloads (issue 8):
+  a   image encoding at the real ViT-g + Q-Former sizes, batch 1 and 8
+  b   greedy decoding of 64 new tokens, small LLaMA (4 layers, width 512, vocab 32000), batch 1 and 8
+  c   beam search, 5 beams, same model
+  d   greedy decoding with a small T5 (Flan-T5 shape, scaled down)
+  e   five instructions about one image at the real ViT-g size
+  f   loading a checkpoint: time and peak memory (fresh processes; see load_memory.py)
+transformers builds each model and saves it; ours loads the checkpoint transformers saved. Each row prints median
+and min time, the ratio theirs/ours (> 1: we are faster), the achieved GFLOP/s (compute-bound rows) or GB/s of
+weights read per token (decode rows) against the machine's measured peak, the peak memory rise during the call, and
+PASS/FAIL against the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Highest resident memory above the starting point while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.start = self.peak = rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def rise(self) -> int:
+        return self.peak - self.start
+
+
+def matmul_peak_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best / 1e9
+
+
+def read_bandwidth_gbs() -> float:
+    x = torch.ones(64 * 2**20)  # 256 MiB
+    x.sum()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+@dataclass
+class Row:
+    name: str
+    ours: list[float]
+    theirs: list[float]
+    mem_ours: int
+    mem_theirs: int
+    work: float | None = None  # GFLOP per call, or GB of weights read per call
+    unit: str = ""  # "GFLOP/s" or "GB/s"
+    target: float | None = None  # minimum theirs/ours
+    peak_fraction: float | None = None  # minimum fraction of the machine's peak
+    per: int = 1  # calls counted per timing (e.g. tokens) for the "per" column
+    same_output: bool | None = None
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.theirs) / statistics.median(self.ours)
+
+
+def alternate(ours, theirs, reps: int, warmup: int = 1) -> tuple[list[float], list[float], int, int, object, object]:
+    for _ in range(warmup):
+        out_o, out_t = ours(), theirs()
+    times_o, times_t, mem_o, mem_t = [], [], 0, 0
+    for _ in range(reps):
+        for fn, times, which in ((ours, times_o, "o"), (theirs, times_t, "t")):
+            gc.collect()
+            with PeakMemory() as pm:
+                t = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t)
+            if which == "o":
+                mem_o, out_o = max(mem_o, pm.rise), out
+            else:
+                mem_t, out_t = max(mem_t, pm.rise), out
+    return times_o, times_t, mem_o, mem_t, out_o, out_t
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models (random weights, built by transformers, loaded by ours from transformers' files)
+
+
+def build_pair(config_kwargs: dict, family: str, seed: int = 0):
+    import transformers
+    from hf_oracle import randomize
+
+    import instructblip
+
+    torch.manual_seed(seed)
+    config = transformers.InstructBlipConfig(**config_kwargs)
+    theirs = transformers.InstructBlipForConditionalGeneration(config)
+    if family == "t5":
+        lm = theirs.language_model
+        lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.lm_head.weight))
+    randomize(theirs, seed)
+    with torch.no_grad():  # keep activations in a sane range for deep random models
+        for name, p in theirs.named_parameters():
+            if not (("norm" in name.lower()) and name.endswith("weight")):
+                p.mul_(0.1)
+    theirs.eval()
+    directory = tempfile.mkdtemp(prefix=f"ib-bench-{family}-")
+    theirs.save_pretrained(directory)
+    ours = instructblip.InstructBlipForConditionalGeneration.from_pretrained(directory)
+    return ours, theirs, directory
+
+
+def vit_g(image_size=224):
+    return dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                image_size=image_size, patch_size=14)
+
+
+def small_vision():
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=56,
+                patch_size=14)
+
+
+def qformer(small=False):
+    if small:
+        return dict(vocab_size=30523, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    return dict(vocab_size=30523)
+
+
+def llama_text():
+    return dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                tie_word_embeddings=False)
+
+
+def t5_text():
+    return dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4,
+                num_heads=8, feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def inputs_for(config, batch: int, prompt_len: int = 12, seed: int = 0, image_size: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    q = config.num_query_tokens
+    size = image_size or config.vision_config.image_size
+    ids = torch.randint(5, 1000, (batch, prompt_len), generator=g)
+    return dict(
+        pixel_values=torch.randn(batch, 3, size, size, generator=g),
+        qformer_input_ids=torch.randint(1000, 2000, (batch, 8), generator=g),
+        qformer_attention_mask=torch.ones(batch, 8, dtype=torch.long),
+        input_ids=torch.cat([torch.full((batch, q), config.image_token_index), ids], 1),
+        attention_mask=torch.ones(batch, q + prompt_len, dtype=torch.long),
+    )
+
+
+def lm_weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.language_model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def workload_a(reps: int, rows: list[Row], peak: float):
+    ours, theirs, _ = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
+                                      num_query_tokens=32, image_token_index=32100), "t5")
+    vision_flops = 2 * sum(p.numel() for p in ours.vision_model.parameters()) * 257
+    attn_flops = 39 * 2 * 2 * 257 * 257 * 1408
+    qformer_flops = 2 * sum(p.numel() for p in ours.qformer.parameters()) * 40 + 6 * 2 * 2 * 32 * 257 * 1408
+    for batch in (1, 8):
+        x = inputs_for(theirs.config, batch)
+        args = (x["pixel_values"], x["qformer_input_ids"], x["qformer_attention_mask"])
+        with torch.inference_mode():
+            to, tt, mo, mt, oo, ot = alternate(lambda a=args: ours.get_image_features(*a).pooler_output,
+                                               lambda a=args: theirs.get_image_features(*a).pooler_output,
+                                               reps if batch == 1 else max(1, reps // 2))
+        same = torch.allclose(oo, ot, atol=1e-3)
+        rows.append(Row(f"a  image encoding, ViT-g + Q-Former, batch {batch}", to, tt, mo, mt,
+                        batch * (vision_flops + attn_flops + qformer_flops) / 1e9, "GFLOP/s", 1.0, 0.85,
+                        same_output=same))
+    gc.collect()
+
+
+def _generate_pair(ours, theirs, x, **kw):
+    def run_ours():
+        return ours.generate(**x, **kw)
+
+    def run_theirs():
+        out = theirs.generate(**x, **kw)
+        return out[:, x["input_ids"].shape[1]:] if not theirs.config.text_config.is_encoder_decoder else out[:, 1:]
+
+    return run_ours, run_theirs
+
+
+def _same_tokens(a, b) -> bool:
+    n = min(a.shape[1], b.shape[1])
+    return bool(torch.equal(a[:, :n], b[:, :n]))
+
+
+def workload_bc(reps: int, rows: list[Row], bandwidth: float, only: set[str]):
+    ours, theirs, _ = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
+                                      text_config=llama_text(), num_query_tokens=32, image_token_index=31999), "llama")
+    weights = lm_weight_bytes(ours)
+    new = 64
+    common = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if "b" in only:
+        for batch in (1, 8):
+            x = inputs_for(theirs.config, batch)
+            o, t = _generate_pair(ours, theirs, x, num_beams=1, **common)
+            to, tt, mo, mt, oo, ot = alternate(o, t, reps)
+            rows.append(Row(f"b  greedy, LLaMA 45M, 64 tokens, batch {batch}", to, tt, mo, mt,
+                            new * weights / 1e9, "GB/s", 1.8 if batch == 1 else 1.5, 1 / 1.3 if batch == 1 else None,
+                            per=new, same_output=_same_tokens(oo, ot)))
+    if "c" in only:
+        x = inputs_for(theirs.config, 1)
+        o, t = _generate_pair(ours, theirs, x, num_beams=5, **common)
+        to, tt, mo, mt, oo, ot = alternate(o, t, reps)
+        rows.append(Row("c  beam search, 5 beams, LLaMA 45M, 64 tokens", to, tt, mo, mt, None, "", 2.0,
+                        per=new, same_output=_same_tokens(oo, ot)))
+    gc.collect()
+
+
+def workload_d(reps: int, rows: list[Row], bandwidth: float):
+    ours, theirs, _ = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
+                                      text_config=t5_text(), num_query_tokens=32, image_token_index=32100), "t5")
+    new = 64
+    x = inputs_for(theirs.config, 1)
+    run_o = lambda: ours.generate(**x, max_new_tokens=new, min_new_tokens=new)  # noqa: E731
+    run_t = lambda: theirs.generate(**x, max_new_tokens=new, min_new_tokens=new)[:, 1:]  # noqa: E731
+    to, tt, mo, mt, oo, ot = alternate(run_o, run_t, reps)
+    decoder = sum(p.numel() * p.element_size() for n, p in ours.language_model.named_parameters()
+                  if not n.startswith("encoder"))
+    rows.append(Row("d  greedy, T5 (d_model 512, 4+4 layers), 64 tokens", to, tt, mo, mt, new * decoder / 1e9,
+                    "GB/s", 1.8, per=new, same_output=_same_tokens(oo, ot)))
+    gc.collect()
+
+
+def workload_e(reps: int, rows: list[Row], peak: float):
+    ours, theirs, _ = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
+                                      num_query_tokens=32, image_token_index=32100), "t5")
+    ours.enable_vision_cache(8)
+    questions = [inputs_for(theirs.config, 1, seed=s) for s in range(5)]
+    for q in questions:  # one image, five instructions
+        q["pixel_values"] = questions[0]["pixel_values"]
+    kw = dict(max_new_tokens=8, min_new_tokens=8)
+
+    def run_ours():
+        ours.vision_cache.entries.clear()  # every run starts cold: the first question encodes the image
+        return [ours.generate(**q, **kw) for q in questions]
+
+    def run_theirs():
+        return [theirs.generate(**q, **kw)[:, 1:] for q in questions]
+
+    to, tt, mo, mt, oo, ot = alternate(run_ours, run_theirs, max(1, reps // 2))
+    rows.append(Row("e  five instructions about one image, ViT-g", to, tt, mo, mt, None, "", 3.5,
+                    same_output=all(_same_tokens(a, b) for a, b in zip(oo, ot, strict=True))))
+    gc.collect()
+
+
+def workload_f(rows_text: list[str]):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "load_memory.py")
+    out = subprocess.run([sys.executable, script, "--size-gb", "1.0"], capture_output=True, text=True, check=False)
+    rows_text.append(out.stdout.strip() if out.returncode == 0 else f"load_memory.py failed:\n{out.stderr[-1500:]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def table(rows: list[Row], peak: float, bandwidth: float) -> str:
+    lines = ["| workload | ours median (min) | transformers median (min) | speed-up | ours per token | ours achieved "
+             "| peak mem rise ours / theirs | same output | target | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mo, mt = statistics.median(r.ours), statistics.median(r.theirs)
+        achieved, verdicts, target = "", [], []
+        if r.work is not None:
+            rate = r.work / mo
+            top = peak if r.unit == "GFLOP/s" else bandwidth
+            achieved = f"{rate:.0f} {r.unit} ({rate / top:.0%} of peak)"
+            if r.peak_fraction is not None:
+                verdicts.append(rate / top >= r.peak_fraction)
+                target.append(f">= {r.peak_fraction:.0%} of peak")
+        if r.target is not None:
+            verdicts.append(r.ratio >= r.target)
+            target.insert(0, f">= {r.target}x")
+        per = fmt_time(mo / r.per) if r.per > 1 else ""
+        verdict = ("PASS" if all(verdicts) else "FAIL") if verdicts else ""
+        same = {None: "", True: "yes", False: "no"}[r.same_output]
+        lines.append(f"| {r.name} | {fmt_time(mo)} ({fmt_time(min(r.ours))}) | "
+                     f"{fmt_time(mt)} ({fmt_time(min(r.theirs))}) | {r.ratio:.2f}x | {per} | {achieved} | {r.mem_ours / 2**20:.0f} / {r.mem_theirs / 2**20:.0f}"
+                     f" MiB | {same} | {', '.join(target)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import transformers
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=list("abcdef"), help="workloads to run (a-f)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--write", default=None, help="also write the report to this Markdown file")
+    args = parser.parse_args()
+    only = set(args.only)
+    torch.manual_seed(0)
+    peak, bandwidth = matmul_peak_gflops(), read_bandwidth_gbs()
+    header = (f"Machine: {machine()}\nMeasured peaks: fp32 matmul {peak:.0f} GFLOP/s (2048^3), memory read "
+              f"{bandwidth:.1f} GB/s (sum over 256 MiB)\n")
+    print(header, flush=True)
+    rows: list[Row] = []
+    with torch.inference_mode():
+        if "a" in only:
+            workload_a(args.reps, rows, peak)
+            print(table(rows, peak, bandwidth), flush=True)
+    if only & {"b", "c"}:
+        workload_bc(args.reps, rows, bandwidth, only)
+    if "d" in only:
+        workload_d(args.reps, rows, bandwidth)
+    if "e" in only:
+        workload_e(args.reps, rows, peak)
+    report = header + "\n" + table(rows, peak, bandwidth) + "\n"
+    if "f" in only:
+        text: list[str] = []
+        workload_f(text)
+        report += "\nf  loading a checkpoint (fresh processes):\n\n" + "\n".join(text) + "\n"
+    print("\n" + report)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
