@@ -2,8 +2,10 @@
 
     python benchmarks/load_memory.py [--size-gb 1.0] [--dir /tmp/ib-load-bench]
 
-Each load runs in a fresh process; the figure is the rise of the process's peak resident memory (VmHWM) over its
-resident memory just before the load, divided by the size of the weights on disk. Target: at most 1.3x.
+Each load runs in a fresh process; the figures are the rise of the process's peak resident memory (VmHWM) over its
+resident memory just before the load, right after loading and after every weight has been touched once (as a first
+forward pass does: memory-mapped weights are only read then), divided by the size of the weights in memory.
+Target: at most 1.3x the checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ base = rss("VmRSS")
 t = time.perf_counter()
 model = M.from_pretrained(path, **kw)
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "peak_rise": rss("VmHWM") - base,
+loaded = rss("VmHWM") - base
+with torch.no_grad():  # touch every weight, as a first forward pass would (memory-mapped pages come in now)
+    total = sum(float(p.float().sum()) for p in model.parameters())
+print(json.dumps({"seconds": seconds, "peak_rise": loaded, "touched_rise": rss("VmHWM") - base,
                   "params": sum(p.numel() for p in model.parameters())}))
 """
 
@@ -83,18 +88,26 @@ def main() -> None:
     rows = [("ours", "bfloat16"), ("ours", "float32")]
     if not args.skip_transformers:
         rows += [("transformers", "bfloat16"), ("transformers", "float32")]
-    print(f"| {'loader':<12} | {'dtype':<8} | {'time s':>6} | {'peak rise GB':>12} | {'x weights in memory':>19} |")
-    print(f"|{'-' * 14}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 21}|")
+    print(f"| {'loader':<12} | {'dtype':<8} | {'time s':>6} | {'peak rise, loaded':>17} | "
+          f"{'peak rise, weights touched':>26} |")
+    print(f"|{'-' * 14}|{'-' * 10}|{'-' * 8}|{'-' * 19}|{'-' * 28}|")
     results = {}
     for which, dtype in rows:
         r = measure(which, args.dir, dtype)
         in_memory = size * (2 if dtype == "float32" else 1)  # the loaded weights' own size
-        ratio = r["peak_rise"] / in_memory
         results[(which, dtype)] = r
-        print(f"| {which:<12} | {dtype:<8} | {r['seconds']:>6.2f} | {r['peak_rise'] / 1e9:>12.2f} | {ratio:>19.2f} |")
-    ours = results[("ours", "bfloat16")]["peak_rise"] / size
+        loaded = f"{r['peak_rise'] / 1e9:.2f} GB ({r['peak_rise'] / in_memory:.2f}x)"
+        touched = f"{r['touched_rise'] / 1e9:.2f} GB ({r['touched_rise'] / in_memory:.2f}x)"
+        print(f"| {which:<12} | {dtype:<8} | {r['seconds']:>6.2f} | {loaded:>17} | {touched:>26} |")
+    ours = max(results[("ours", "bfloat16")]["peak_rise"], results[("ours", "bfloat16")]["touched_rise"]) / size
     verdict = "PASS" if ours <= 1.3 else "FAIL"
     print(f"\nours, bf16: peak rise {ours:.2f}x the checkpoint size (target <= 1.30): {verdict}")
+    if not args.skip_transformers:
+        for dtype in ("bfloat16", "float32"):
+            o, t = results[("ours", dtype)], results[("transformers", dtype)]
+            ok = o["peak_rise"] <= t["peak_rise"] * 1.05 + 2e7 and o["touched_rise"] <= t["touched_rise"] * 1.05 + 2e7
+            print(f"{dtype}: peak memory not above transformers' (loaded and touched, 5% + 20 MB noise): "
+                  f"{'PASS' if ok else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ every tensor of the model filled, apart from the legacy keys listed in `_TOLERAT
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +200,7 @@ class _SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
+        self._map: mmap.mmap | None = None
         size = os.path.getsize(path)
         try:
             with open(path, "rb") as f:
@@ -226,6 +229,24 @@ class _SafetensorsFile:
                 f"{path} is truncated: its header describes {needed} bytes but the file has {size} "
                 "(re-download or re-save it)"
             )
+
+    def mapped(self, key: str) -> Tensor | None:
+        """Tensor `key` backed by a private (copy-on-write) memory map of the file: no copy, pages read on first
+        touch. None when its bytes are not aligned for its dtype."""
+        dtype, shape, begin = self.entries[key]
+        offset = self.start + begin
+        if offset % dtype.itemsize:
+            return None
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = _nbytes(dtype, shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable buffer" warnings do not apply to ACCESS_COPY maps
+            flat = torch.frombuffer(self._map, dtype=torch.uint8, count=count, offset=offset)
+        return flat.view(dtype).view(shape)
 
     def read_into(self, key: str, out: Tensor) -> None:
         """Copy tensor `key` into `out` (same shape; any dtype and device)."""
@@ -307,6 +328,12 @@ class _Reader:
         file = self.where[key]
         return self._bins[file][key].dtype if file in self._bins else self._safetensors[file].entries[key][0]
 
+    def mapped(self, key: str) -> Tensor | None:
+        file = self.where[key]
+        if file in self._bins:
+            return self._bins[file][key]  # torch.load(mmap=True) maps it already
+        return self._safetensors[file].mapped(key)
+
     def read_into(self, key: str, out: Tensor) -> None:
         file = self.where[key]
         if file in self._bins:
@@ -342,8 +369,14 @@ def _resolve_dtype(dtype, reader: _Reader, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipConfig | None = None):
-    """Build `cls` (InstructBlipModel or InstructBlipForConditionalGeneration) from an HF-layout directory."""
+def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipConfig | None = None,
+                    mmap_ok: bool = True):
+    """Build `cls` (InstructBlipModel or InstructBlipForConditionalGeneration) from an HF-layout directory.
+
+    On CPU, a tensor stored in the dtype it will be used in is mapped from the file (copy-on-write) instead of read:
+    loading is then nearly free and the pages are read as the model first touches them; fused tensors (q|k|v...)
+    and converted dtypes are read into fresh memory. `mmap_ok=False` reads everything (the files may then be
+    replaced or deleted while the model lives)."""
     directory = resolve_checkpoint_dir(path)
     if config is None:
         config_path = os.path.join(directory, CONFIG_NAME)
@@ -375,6 +408,13 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
     for entry in entries:
         shape = targets[entry.ours]
         tensor_dtype = torch.float32 if entry.ours == "query_tokens" else dtype  # as transformers' keep-in-fp32
+        key = entry.parts[0]
+        if (mmap_ok and device.type == "cpu" and entry.rows is None and key in reader.where
+                and reader.dtype(key) == tensor_dtype):  # stored as it will be used: map the file, copy nothing
+            tensor = reader.mapped(key)
+            if tensor is not None:
+                state[entry.ours] = tensor
+                continue
         out = torch.empty(shape, dtype=tensor_dtype, device=device)
         legacy = _legacy_qkv_bias(entry)
         if entry.parts[0] not in reader.where and legacy:  # q_bias | zeros | v_bias
