@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import CONFIG_NAME, ConfigError, InstructBlipConfig, LlamaConfig, T5Config
+from .files import write_json
 from .hub import resolve_checkpoint_dir
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -545,7 +546,7 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: names[i] for i, shard in enumerate(shards) for k in shard}}
-        _write_json(os.path.join(directory, SAFE_INDEX), index)
+        write_json(os.path.join(directory, SAFE_INDEX), index)
     for name in stale:
         path = os.path.join(directory, name)
         if os.path.exists(path):
@@ -557,12 +558,4 @@ def _write_generation_config(config: InstructBlipConfig, directory: str) -> None
     data = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id}
     if isinstance(text, T5Config):
         data["decoder_start_token_id"] = text.decoder_start_token_id
-    _write_json(os.path.join(directory, "generation_config.json"), {k: v for k, v in data.items() if v is not None})
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(os.path.join(directory, "generation_config.json"), {k: v for k, v in data.items() if v is not None})

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import CheckpointError, _parse_size, _Reader, _write_json
+from .checkpoint import CheckpointError, _parse_size, _Reader
 from .config import InstructBlipConfig, text_config_from_dict
+from .files import write_json
 
 # EVA-CLIP-g has 40 blocks; BLIP-2 / InstructBLIP use the first 39 (penultimate-layer features)
 VISION_LAYERS = 39
@@ -321,5 +322,5 @@ def _write(tensors: dict[str, Loader], config: InstructBlipConfig, out: str | os
         for (tmp, _), name in zip(written, names, strict=True):
             os.replace(tmp, os.path.join(out, name))
         weight_map = {k: name for (_, keys), name in zip(written, names, strict=True) for k in keys}
-        _write_json(os.path.join(out, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+        write_json(os.path.join(out, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
     config.save_pretrained(out)

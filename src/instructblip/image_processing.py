@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .files import read_json
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # PIL's own warning threshold (Image.MAX_IMAGE_PIXELS): ~179 Mpx, a 13.4k x 13.4k image
@@ -128,10 +130,10 @@ class InstructBlipImageProcessor:
         directory = resolve_checkpoint_dir(path)
         file = os.path.join(directory, PREPROCESSOR_CONFIG_NAME)
         if os.path.isfile(file):
-            return cls.from_dict(_read_json(file), **overrides)
+            return cls.from_dict(read_json(file), **overrides)
         file = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         if os.path.isfile(file):
-            data = _read_json(file)
+            data = read_json(file)
             if isinstance(data.get("image_processor"), dict):
                 return cls.from_dict(data["image_processor"], **overrides)
         raise FileNotFoundError(
@@ -435,14 +437,3 @@ def _channel_values(values: Sequence[float] | float, name: str) -> tuple[float, 
     if not values:
         raise ValueError(f"{name} must not be empty")
     return values
-
-
-def _read_json(file: str) -> dict:
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return data

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .files import read_json
 from .image_processing import PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME, InstructBlipImageProcessor
 from .tokenization import Tokenizer
 
@@ -129,8 +130,8 @@ class InstructBlipProcessor:
         qformer_dir = os.path.join(directory, QFORMER_TOKENIZER_DIR)
         if not os.path.isdir(qformer_dir):
             raise FileNotFoundError(f"{directory} has no {QFORMER_TOKENIZER_DIR}/ directory (the Q-Former tokenizer)")
-        processor_config = _read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
-        model_config = _read_json(os.path.join(directory, CONFIG_NAME))
+        processor_config = read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME), missing_ok=True)
+        model_config = read_json(os.path.join(directory, CONFIG_NAME), missing_ok=True)
         num_query_tokens = processor_config.get("num_query_tokens", model_config.get("num_query_tokens"))
         if model_config:
             image_token_index = model_config.get("image_token_index", model_config.get("image_token_id"))
@@ -281,16 +282,3 @@ def _to_tensor(key: str, rows: list[list[int]]) -> torch.Tensor:
     if len(lengths) > 1:
         raise ValueError(f"{key} rows have different lengths {sorted(lengths)}; pass padding=True to get tensors")
     return torch.tensor(rows, dtype=torch.long)
-
-
-def _read_json(file: str) -> dict:
-    if not os.path.isfile(file):
-        return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return data

@@ -36,6 +36,8 @@ from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, proces
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE, Unigram, WordPiece
 
+from .files import read_json
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -109,13 +111,13 @@ class Tokenizer:
 
         directory = resolve_checkpoint_dir(path)
         file = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-        config = _read_json(file) if os.path.isfile(file) else {}
+        config = read_json(file) if os.path.isfile(file) else {}
         config.update(overrides)
         json_file = os.path.join(directory, TOKENIZER_FILE)
         spm_file = next((os.path.join(directory, f) for f in SENTENCEPIECE_FILES
                          if os.path.isfile(os.path.join(directory, f))), None)
         vocab_file = os.path.join(directory, VOCAB_FILE)
-        tokenizer_json = _read_json(json_file) if os.path.isfile(json_file) else None
+        tokenizer_json = read_json(json_file) if os.path.isfile(json_file) else None
         if tokenizer_json is None and spm_file is None and not os.path.isfile(vocab_file):
             raise FileNotFoundError(
                 f"{directory} has no {TOKENIZER_FILE}, {' or '.join(SENTENCEPIECE_FILES)} or {VOCAB_FILE}"
@@ -571,14 +573,14 @@ def _added_tokens(directory: str, config: dict, tokenizer_json: dict | None, ove
     added = {}
     smap_file = os.path.join(directory, SPECIAL_TOKENS_MAP_FILE)
     if os.path.isfile(smap_file):
-        for key, value in _read_json(smap_file).items():
+        for key, value in read_json(smap_file).items():
             if key not in overrides:
                 config[key] = value
     named = {_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k)}
     named |= {_content(t) for t in _extra_tokens(config)}
     added_file = os.path.join(directory, ADDED_TOKENS_FILE)
     if os.path.isfile(added_file):
-        for content, index in _read_json(added_file).items():
+        for content, index in read_json(added_file).items():
             special = content in named
             added[int(index)] = AddedToken(content, normalized=not special, special=special)
     for entry in (tokenizer_json or {}).get("added_tokens", []):
@@ -790,15 +792,3 @@ def _as_id_list(ids: Any) -> list[int]:
     if isinstance(ids, int):
         return [ids]
     return [int(i) for i in ids]
-
-
-def _read_json(file: str) -> dict:
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return data
-
