@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls multi-GB CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# test-only oracle for the VQA metric (lavis/common/vqa_tools/vqa_eval.py, loaded by path); its pins are not ours
+	$(BIN)/python -m pip install -q --no-deps salesforce-lavis==1.0.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -173,8 +173,7 @@ def recall_at(ranks: Sequence[int], k: int) -> float:
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """Area under the ROC curve of `scores` (higher = more likely positive) for binary `labels`, by scikit-learn."""
-    from sklearn.metrics import roc_auc_score
-
+    roc_auc_score = _need("sklearn.metrics", "scikit-learn").roc_auc_score
     if len(set(labels)) < 2:
         raise ValueError("ROC AUC needs both positive and negative labels among the samples")
     return float(roc_auc_score(list(labels), list(scores)))
@@ -194,10 +193,9 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     """
     import shutil
 
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
+    Bleu = _need("pycocoevalcap.bleu.bleu", "pycocoevalcap").Bleu
+    Cider = _need("pycocoevalcap.cider.cider", "pycocoevalcap").Cider
+    PTBTokenizer = _need("pycocoevalcap.tokenizer.ptbtokenizer", "pycocoevalcap").PTBTokenizer
     if set(predictions) != set(references):
         missing, extra = set(references) - set(predictions), set(predictions) - set(references)
         raise ValueError(f"predictions and references cover different images (missing {sorted(map(str, missing))[:5]},"
@@ -220,3 +218,13 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     return {"CIDEr": float(cider), **{f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}}
+
+
+def _need(module: str, package: str):
+    """Import an optional dependency of the `eval` extra, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"this metric needs {package}: pip install 'instructblip[eval]'") from None

@@ -44,7 +44,10 @@ def read_frames(path: str | os.PathLike, n: int) -> list:
         return [str(frames[i]) for i in frame_indices(len(frames), n)]
     if not path.exists():
         raise FileNotFoundError(f"video {path} not found")
-    import av
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading videos needs PyAV: pip install 'instructblip[eval]'") from None
 
     try:
         with av.open(str(path)) as container:
