@@ -57,6 +57,7 @@ from .templates import build_instruction, canonical_task
 MAX_REPLACEMENTS = 20  # consecutive unreadable images tolerated before a dataset is declared broken
 _ANSWER_KEYS = ("answers", "answer", "captions", "caption", "text_output")
 _INSTRUCTION_KEYS = ("instruction", "text_input")
+_GENERIC_NAMES = ("train", "val", "valid", "validation", "test", "dev", "data", "annotations")
 
 
 class DataError(ValueError):
@@ -96,13 +97,15 @@ def _strings(value: Any, key: str) -> list[str]:
     raise DataError(f"'{key}' must be a string or a list of strings, got {type(value).__name__}")
 
 
-def parse_record(obj: Any, base_dir: str = "", default_task: str | None = None, where: str = "",
+def parse_record(obj: Any, base_dir: str = "", task: str | None = None, where: str = "",
                  need_image: bool = True) -> Record:
     """A `Record` from a JSON object (or a `datasets` row); `DataError` naming the problem if it is unusable.
-    A relative image path is resolved against `base_dir` (the JSONL file's folder)."""
+    A relative image path is resolved against `base_dir` (the JSONL file's folder). `task` (the source's) overrides
+    the record's own "task"; without either, it is guessed: "instruction" if there is an instruction, "vqa" if there
+    is a question, else "caption"."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
-    task = obj.get("task") or default_task
+    task = task or obj.get("task")
     if task is None:
         task = "instruction" if any(obj.get(k) for k in _INSTRUCTION_KEYS) else "vqa" if obj.get("question") \
             else "caption"
@@ -167,8 +170,10 @@ class DataSource:
 
     path: a JSONL file; with the `datasets` package also a parquet file / folder of parquet files, or an image folder
         (images + metadata.jsonl, read by `datasets`' imagefolder builder).
-    name: shown in the mixture table and the metrics (default: the file or folder name).
-    task: the task of records that do not name one ("caption", "vqa", "vqg", "instruction").
+    name: shown in the mixture table and the metrics (default: the file or folder name without its suffix; for
+        generic names such as train.jsonl or val.jsonl, the folder's name). Names must be unique in a mixture.
+    task: the task of every record of this source ("caption", "vqa", "vqg", "instruction"), overriding the records'
+        own "task" (so one VQA file can serve as a "vqg" source too); unset: each record's "task".
     weight: manual factor on the sqrt-size sampling probability (1.0 = the paper's plain balancing).
     format: "auto" (by suffix: .jsonl/.json -> jsonl, .parquet or a folder of them -> parquet, other folders ->
         imagefolder), "jsonl", "parquet" or "imagefolder".
@@ -190,8 +195,11 @@ class DataSource:
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"a data source needs a path, got {self.path!r}")
         if self.name is None:
-            base = os.path.basename(os.path.normpath(self.path))
+            path = os.path.normpath(self.path)
+            base = os.path.basename(path)
             self.name = base.rsplit(".", 1)[0] if "." in base else base
+            if self.name.lower() in _GENERIC_NAMES and os.path.basename(os.path.dirname(os.path.abspath(path))):
+                self.name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         if self.task is not None:
             self.task = canonical_task(self.task)
         if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) or not self.weight > 0:

@@ -92,6 +92,15 @@ class Tokenizer:
         self.config = dict(config or {})
         self._lock = threading.Lock()  # the backend's truncation/padding settings are set per call
 
+    def __getstate__(self) -> dict:  # picklable (DataLoader workers with "spawn"): the lock is rebuilt
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer(class={self.tokenizer_class}, vocab_size={self.vocab_size}, len={len(self)}, "

@@ -69,6 +69,7 @@ from .data import (
     open_source,
     validation_batches,
 )
+from .metrics import exact_match, vqa_accuracy
 from .model import IGNORE_INDEX, InstructBlipForConditionalGeneration
 from .processor import InstructBlipProcessor
 
@@ -76,6 +77,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "state.pt"
 EXPORT_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
+MAX_SKIP_MESSAGES = 20  # per rank; later skips are counted in the metrics only
 MODEL_KEYS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels",
               "decoder_attention_mask")
 
@@ -142,6 +144,11 @@ class TrainConfig:
         self.val_data = [_as_source(s, "val_data") for s in _as_list(self.val_data)]
         if not self.train_data:
             raise ValueError("train_data is empty: give at least one data source")
+        for what, sources in (("train_data", self.train_data), ("val_data", self.val_data)):
+            names = [s.name for s in sources]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{what}: several sources are named {twice}; give them distinct `name:`s")
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_prompt_length", "max_answer_length",
                      "val_every", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
@@ -395,26 +402,11 @@ class LossModule(nn.Module):
         return self.model(**inputs).loss
 
 
-def normalize_answer(text: str) -> str:
-    """VQA-style answer normalisation: lower case, punctuation and articles removed, number words as digits."""
-    text = text.lower().replace("\n", " ").replace("\t", " ").strip()
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
-    text = re.sub(r"(?!<=\d)\.(?!\d)", " ", text)  # periods not inside numbers
-    text = re.sub(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:']", " ", text)
-    numbers = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-               "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-    words = [numbers.get(w, w) for w in text.split() if w not in ("a", "an", "the")]
-    return " ".join(words)
-
-
 def answer_scores(prediction: str, references: list[str]) -> tuple[float, float]:
-    """(exact match against any reference, VQA accuracy min(1, #matching references / 3)); both after
-    `normalize_answer`. With fewer than 3 references the VQA accuracy is the exact match."""
-    pred = normalize_answer(prediction)
-    refs = [normalize_answer(r) for r in references]
-    matches = sum(pred == r for r in refs)
-    exact = float(matches > 0)
-    return exact, (min(1.0, matches / 3) if len(refs) >= 3 else exact)
+    """(exact match against any reference, VQA accuracy), with the official VQA answer normalisation
+    (`metrics.py`). With fewer than 3 references (not VQA-style annotations) the VQA accuracy is the exact match."""
+    exact = max(exact_match(prediction, r) for r in references)
+    return exact, (vqa_accuracy(prediction, references) if len(references) >= 3 else exact)
 
 
 # ---- RNG states (weights_only-safe structures) ----
@@ -658,6 +650,21 @@ def train(config: TrainConfig) -> TrainResult:
     probabilities = mixture_probabilities([len(s) for s in train_sources], [s.spec.weight for s in train_sources],
                                           config.balance)
 
+    # ---- where to start: a checkpoint to resume from, or a fresh output directory ----
+    resume_path = None
+    if config.resume == "latest":
+        found = checkpoint_dirs(config.output_dir)
+        resume_path = found[-1][1] if found else None
+        if resume_path is None and is_main:
+            print(f"resume: no checkpoint in {config.output_dir}; starting from the beginning", file=sys.stderr)
+    elif config.resume:
+        resume_path = config.resume
+        if not os.path.isfile(os.path.join(resume_path, CHECKPOINT_FILE)) and not os.path.isfile(resume_path):
+            raise FileNotFoundError(f"resume: no checkpoint at {resume_path}")
+    elif checkpoint_dirs(config.output_dir):
+        raise ValueError(f"{config.output_dir} already holds checkpoints of a run; pass --resume to continue it, or "
+                         "choose another output_dir")
+
     # ---- model and processor ----
     model_config = InstructBlipConfig.from_pretrained(config.model)
     saved_dropout = override_dropout(model_config, config.dropout) if config.dropout is not None else {}
@@ -684,15 +691,6 @@ def train(config: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and use_cuda)
     fingerprint = data_fingerprint(config, train_sources)
     start_step, data_state, skipped_total = 0, None, 0
-    resume_path = None
-    if config.resume:
-        if config.resume == "latest":
-            found = checkpoint_dirs(config.output_dir)
-            resume_path = found[-1][1] if found else None
-            if resume_path is None and is_main:
-                print(f"resume: no checkpoint in {config.output_dir}; starting from the beginning", file=sys.stderr)
-        else:
-            resume_path = config.resume
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         if state["fingerprint"] != fingerprint:
@@ -728,7 +726,9 @@ def train(config: TrainConfig) -> TrainResult:
                           persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(
         InstructionDataset(train_sources, processor.image_processor, config.seed, config.augment, config.strict),
-        batch_sampler=batches, collate_fn=collate, **loader_options)
+        batch_sampler=batches, collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),  # else iter() draws from the global RNG (dropout's)
+        **loader_options)
 
     # ---- DDP: only the trained parameters are synchronised ----
     step_module: nn.Module = LossModule(model)
@@ -762,6 +762,7 @@ def train(config: TrainConfig) -> TrainResult:
     iterator = iter(train_loader)
     last_loss, validation = None, {}
     window_samples, window_start = 0, time.time()
+    shown_skips = 0
     step = start_step
     for step in range(start_step + 1, config.max_steps + 1):  # `step` = optimizer steps done after this iteration
         micro_batches = [next(iterator) for _ in range(batches.accumulation)]
@@ -773,9 +774,11 @@ def train(config: TrainConfig) -> TrainResult:
             dist.all_reduce(counts)
         n_targets, n_skipped, n_samples = (float(c) for c in counts.tolist())
         skipped_total += int(n_skipped)
-        for b in micro_batches:
-            for message in b["meta"]["skipped"][:5]:
-                print(f"[rank {rank}] skipped: {message}", file=sys.stderr)
+        for message in [m for b in micro_batches for m in b["meta"]["skipped"]]:
+            shown_skips += 1
+            if shown_skips <= MAX_SKIP_MESSAGES:
+                print(f"[rank {rank}] skipped: {message}" + (" (further skips are only counted)" if
+                      shown_skips == MAX_SKIP_MESSAGES else ""), file=sys.stderr)
         lr = learning_rate(step - 1, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
