@@ -340,9 +340,10 @@ def table(rows: list[Row], peak: float, bandwidth: float) -> str:
         per = fmt_time(mo / r.per) if r.per > 1 else ""
         verdict = ("PASS" if all(verdicts) else "FAIL") if verdicts else ""
         same = {None: "", True: "yes", False: "no"}[r.same_output]
+        memory = f"{r.mem_ours / 2**20:.0f} / {r.mem_theirs / 2**20:.0f} MiB"
         lines.append(f"| {r.name} | {fmt_time(mo)} ({fmt_time(min(r.ours))}) | "
-                     f"{fmt_time(mt)} ({fmt_time(min(r.theirs))}) | {r.ratio:.2f}x | {per} | {achieved} | {r.mem_ours / 2**20:.0f} / {r.mem_theirs / 2**20:.0f}"
-                     f" MiB | {same} | {', '.join(target)} | {verdict} |")
+                     f"{fmt_time(mt)} ({fmt_time(min(r.theirs))}) | {r.ratio:.2f}x | {per} | {achieved} | {memory}"
+                     f" | {same} | {', '.join(target)} | {verdict} |")
     return "\n".join(lines)
 
 

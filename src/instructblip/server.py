@@ -76,7 +76,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urljoin, urlsplit
@@ -124,7 +124,6 @@ class ServerConfig:
     allowed_local_media_path: str | None = None
     image_fetch_timeout: float = 5.0
     image_workers: int = 4  # images decoded at once
-    warnings: list[str] = field(default_factory=list)  # shown by main() at start
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -861,6 +860,7 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
         plan = plan_chat(req, config)
+        sampling_params(req, config, 0, None)  # settings errors before any image work; the context is checked below
         if max(len(plan.prompt), len(plan.instruction)) > 32 * config.max_prompt_tokens:
             raise _bad(f"the prompt is longer than this server's limit of {config.max_prompt_tokens} tokens",
                        param="messages", code="prompt_too_long")
@@ -970,10 +970,13 @@ async def _next_events(job: Job, events: asyncio.Queue, watcher: asyncio.Future 
         raise APIError(504, "the request timed out", code="timeout")
     getter = asyncio.ensure_future(events.get())
     waiting = {getter} if watcher is None else {getter, watcher}
-    done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
     if getter in done:
         return getter.result()
-    getter.cancel()
     if watcher is not None and watcher in done:
         raise _ClientGone()
     job.cancelled.set()
@@ -1030,8 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the directory name or hub id)")
-    p.add_argument("--api-key", default=os.environ.get("INSTRUCTBLIP_API_KEY"),
-                   help="require Authorization: Bearer KEY (default: $INSTRUCTBLIP_API_KEY)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set $INSTRUCTBLIP_API_KEY, "
+                   "which keeps the key out of the process list)")
     g = p.add_argument_group("images")
     g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     g.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this directory")
@@ -1075,7 +1078,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     else:
         name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
     return ServerConfig(
-        model_name=name, api_key=args.api_key or None, max_batch_size=args.max_batch_size,
+        model_name=name, api_key=args.api_key or os.environ.get("INSTRUCTBLIP_API_KEY") or None,
+        max_batch_size=args.max_batch_size,
         batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
@@ -1083,7 +1087,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         repetition_penalty=args.repetition_penalty, history=args.history,
         allow_remote_images=args.allow_remote_images, allowed_local_media_path=args.allowed_local_media_path,
         image_fetch_timeout=args.image_fetch_timeout,
-        warnings=security_warnings(args.host, args.api_key, args.allow_remote_images),
     )
 
 
@@ -1096,13 +1099,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    for warning in config.warnings:
+    for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
         log.warning(warning)
     vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size)
     app = create_app(vlm, config)
     log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
-                timeout_keep_alive=5, server_header=False)
+                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False)
     return 0
 
 
