@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP) lint
 
 demo: $(STAMP)
 	$(BIN)/instructblip ask examples/chelsea.jpg "What is in this picture?"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --write benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

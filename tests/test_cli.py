@@ -216,7 +216,7 @@ def test_transformers_documentation_snippet_runs_with_only_the_import_changed(ck
 
 
 def test_module_and_console_script_agree():
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "instructblip"), "bench"],
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "instructblip"), "bench", "--help"],
                          capture_output=True, text=True, env=ENV)
     assert out.returncode == 0 and "benchmarks" in out.stdout
 

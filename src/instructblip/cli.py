@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qformer-tokenizer", default=None, help="a bert-base-uncased tokenizer directory to include")
     p.add_argument("--max-shard-size", default="5GB")
 
-    sub.add_parser("bench", help="how to run the benchmarks", description="Print how to run the benchmarks.")
+    p = sub.add_parser("bench", help="ours against transformers, side by side",
+                       description="Run benchmarks/bench.py (source checkouts); extra arguments go to it.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="e.g. --only b c --reps 3")
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -228,9 +230,17 @@ def cmd_convert_lavis(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    print("The benchmarks live in benchmarks/ of the source tree:\n"
-          "  python benchmarks/load_memory.py   # peak memory and time while loading a ~1 GB bf16 checkpoint")
-    return 0
+    """Run the side-by-side benchmarks when this is a source checkout; otherwise say where they are."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench.py")
+    if not os.path.isfile(script):
+        print("The benchmarks live in benchmarks/ of the source tree (git clone, then `make bench`):\n"
+              "  benchmarks/bench.py        ours against transformers, same weights (writes benchmarks/RESULTS.md)\n"
+              "  benchmarks/load_memory.py  peak memory and time while loading a ~1 GB checkpoint\n"
+              "  benchmarks/serve_load.py   server throughput and latency under concurrency")
+        return 0
+    return subprocess.call([sys.executable, os.path.abspath(script), *args.bench_args])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
