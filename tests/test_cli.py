@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from tiny_checkpoint import make_full_checkpoint
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,13 @@ def test_batch_over_a_folder(ckpt, images, tmp_path):
 
 
 def test_batch_resumes_after_sigkill(ckpt, images, tmp_path):
-    n = 40
+    n = 24
     records = [{"id": i, "image": str(images[i % 3]), "instruction": f"Tell me about picture {i}."} for i in range(n)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     output = tmp_path / "out.jsonl"
     args = [sys.executable, "-m", "instructblip", "batch", str(tmp_path / "in.jsonl"), "--output", str(output),
-            "--model", str(ckpt), "--batch-size", "1", "--max-new-tokens", "48", "--min-new-tokens", "48"]
+            "--model", str(ckpt), "--batch-size", "1", "--num-beams", "1", "--max-new-tokens", "40",
+            "--min-new-tokens", "40"]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not output.exists() or output.read_text().count("\n") < 3):
