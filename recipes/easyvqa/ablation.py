@@ -2,9 +2,10 @@
 
     python recipes/easyvqa/ablation.py [--work-dir runs/easyvqa-ablation] [--seeds 0 1 2]
 
-Per seed: data and a stage-1 model as in the recipe (run.py), except that the instructions are rendered with the
-held-in VQA templates only; then three stage-2 runs from that model, of the same (shorter) budget, all without the
-held-out question type (`ablation.yaml`). Each is evaluated with the harness's easy-vqa adapter on the test split:
+Once: data and stage-0 / stage-1 models as in the recipe (run.py), except that stage 2's instructions are rendered
+with the held-in VQA templates only. Then, per seed, three stage-2 runs from that model, of the same (shorter)
+budget, all without the held-out question type (`ablation.yaml`). Each is evaluated with the harness's easy-vqa
+adapter on the test split:
 
 - held-in: the held-in question types with the adapter's prompt ("Question: {} Short answer:", a held-in template);
 - held-out type: the held-out question type, same prompt (never seen in stage 2);
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", help="default: ablation.yaml")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-images", type=int, help="reduced size (tests): the training images with the N smallest ids")
+    p.add_argument("--stage0-steps", type=int)
     p.add_argument("--stage1-steps", type=int)
     p.add_argument("--stage2-steps", type=int)
     p.add_argument("--batch-size", type=int)
@@ -87,20 +89,22 @@ def evaluate(model_dir: Path, sets: dict[str, list], out_dir: Path) -> dict:
     return scores
 
 
-def run_seed(seed: int, work: Path, args: argparse.Namespace, config: dict, sets: dict[str, list]) -> dict:
+def prepare_base(work: Path, args: argparse.Namespace, config: dict) -> tuple[Path, list[dict], Path]:
+    """Data, tokenizers, initial model, stages 0 and 1 (as run.py; stage 2's records rendered with the held-in
+    templates only), shared by every stage-2 run: the ablation is about stage 2.
+    Returns (stage-1 model, stage-2 sources, Q-Former vocabulary file)."""
     from instructblip.templates import VQA_TEMPLATES
 
     spec = R.load_yaml(R.HERE / "model.yaml")
     data = R.load_yaml(R.HERE / "data.yaml")
-    root = work / f"seed{seed}"
+    seed = config["base_seed"]
+    root = work / "base"
     questions, paths = R.load_split("train")
     if args.max_images is not None:
         keep = set(sorted(paths)[: args.max_images])
         questions = [q for q in questions if q[2] in keep]
         paths = {i: p for i, p in paths.items() if i in keep}
     held_in_templates = [t for i, t in enumerate(VQA_TEMPLATES) if i not in config["held_out_templates"]]
-
-    # data, tokenizers, initial model (as run.py, with the held-in templates rendered into the records)
     corpus = R.text_corpus(questions)
     vocab_file = root / "tokenizers" / "qformer_vocab.txt"
     if not vocab_file.is_file():
@@ -110,29 +114,47 @@ def run_seed(seed: int, work: Path, args: argparse.Namespace, config: dict, sets
     if not (root / "init" / "model.safetensors").is_file():
         R.write_initial_model(root / "init", spec, root / "tokenizers" / "llm", vocab, seed, reads_instruction=False)
     variants = R.write_image_variants(paths, root / "images", data["variants"], seed=seed)
+    sources1 = R.write_sources(root / "data-stage1", questions, variants, data["copies"], seed=seed,
+                               templates=R.stage1_templates(data), balance_answers=data["balance_answers"])
     sources = R.write_sources(root / "data", questions, variants, data["copies"], seed=seed,
-                              templates=held_in_templates)
+                              templates=held_in_templates, balance_answers=data["balance_answers"])
+    if set(config["held_out_templates"]) & set(data["stage1_templates"]):
+        raise ValueError("a held-out template is among data.yaml's stage1_templates")
 
-    # stage 1: shared by the three runs of this seed
+    stage0 = R.load_yaml(R.HERE / "stage0.yaml")
+    stage0["max_steps"] = args.stage0_steps or stage0["max_steps"]
+    stage0["warmup_steps"] = min(stage0["warmup_steps"], stage0["max_steps"])
+    if args.batch_size is not None:
+        stage0["batch_size"] = args.batch_size
+    captions = next(s["path"] for s in sources if s["name"] == R.CAPTION)
+    start1 = R.pretrain_vision(root / "init", captions, root / "stage0", stage0, seed=seed)
     stage1 = R.load_yaml(R.HERE / "stage1.yaml")
-    stage1["max_steps"] = args.stage1_steps or config["stage1_steps"]
+    if args.stage1_steps:
+        stage1["max_steps"] = args.stage1_steps
     _shrink(stage1, args)
-    R.run_stage(stage1, root / "init", sources, root / "stage1", seed=seed)
+    R.run_stage(stage1, start1, sources1, root / "stage1", seed=seed)
+    return root / "stage1" / "model", sources, vocab_file
 
+
+def run_seed(seed: int, work: Path, args: argparse.Namespace, config: dict, sets: dict[str, list],
+             base: tuple[Path, list[dict], Path]) -> dict:
+    """The three stage-2 runs of one seed (the seed drives their data order and dropout), each evaluated."""
+    stage1_model, sources, vocab_file = base
+    root = work / f"seed{seed}"
     results = {}
     held_in_sources = [s for s in sources if s["name"] != config["held_out_type"]]
     for name, run in config["runs"].items():
         start = root / f"{name}-init"
         if not (start / "model.safetensors").is_file():
             shutil.rmtree(start, ignore_errors=True)
-            shutil.copytree(root / "stage1" / "model", start)
+            shutil.copytree(stage1_model, start)
             (start / "train_config.json").unlink()
             R.set_qformer_instruction(start, vocab_file, reads_instruction=run["reads_instruction"])
         stage2 = R.load_yaml(R.HERE / "stage2.yaml")
         stage2["max_steps"] = args.stage2_steps or config["stage2_steps"]
         stage2["balance"] = run["balance"]
         _shrink(stage2, args)
-        R.run_stage(stage2, start, held_in_sources, root / name, seed=seed + 1)
+        R.run_stage(stage2, start, held_in_sources, root / name, seed=seed)
         results[name] = evaluate(root / name / "model", sets, root / name / "eval")
         print(f"[ablation] seed {seed} {name}: {json.dumps(results[name])}", flush=True)
     return results
@@ -167,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     sets = eval_sets(config, args.eval_limit)
     timer = R.Timer()
+    base = prepare_base(work, args, config)
+    timer.mark("stages 0 and 1")
     all_results = {}
     for seed in args.seeds or config["seeds"]:
-        all_results[seed] = run_seed(seed, work, args, config, sets)
+        all_results[seed] = run_seed(seed, work, args, config, sets, base)
         timer.mark(f"seed {seed}")
     runs = list(config["runs"])
     text = "\n\n".join(f"{mode}:\n\n{table(all_results, runs, mode)}" for mode in ("generate", "rank"))

@@ -218,6 +218,13 @@ def render(template: str, question: str) -> str:
     return build_instruction("vqa", random.Random(0), question=question, template=template)
 
 
+def stage1_templates(data: dict) -> list[str]:
+    """Stage 1's prompts (`data.yaml` stage1_templates: indices into the paper's VQA templates)."""
+    from instructblip.templates import VQA_TEMPLATES
+
+    return [VQA_TEMPLATES[i] for i in data["stage1_templates"]]
+
+
 def write_sources(out_dir: str | Path, questions: list[tuple[str, str, int]], variants: dict[int, list[str]],
                   copies: int, seed: int, types: Iterable[str] | None = None, templates: list[str] | None = None,
                   captions: bool = True, balance_answers: bool = True) -> list[dict]:
@@ -390,7 +397,7 @@ def model_config(spec: dict, llm_tokenizer_dir: str | Path, qformer_vocab_size: 
     vision = dict(spec["vision"], image_size=spec["image_size"], initializer_range=spec["init_std"])
     qformer = dict(spec["qformer"], vocab_size=qformer_vocab_size, pad_token_id=0)
     text = dict(spec["llm"], model_type="llama", vocab_size=len(tok), bos_token_id=ids["<s>"],
-                eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+                eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
     return InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text,
                               num_query_tokens=spec["num_query_tokens"], image_token_index=ids["<image>"],
                               initializer_range=spec["init_std"])
@@ -440,6 +447,60 @@ def write_initial_model(directory: str | Path, spec: dict, llm_tokenizer_dir: st
 # Stages and evaluation
 
 
+def pretrain_vision(model_dir: str | Path, caption_source: str | Path, out_dir: str | Path, settings: dict,
+                    seed: int) -> Path:
+    """Stage 0, the image encoder's own pre-training (standing in for EVA-CLIP, which BLIP-2 starts from): the ViT
+    of `model_dir` and a linear head on its mean-pooled features learn which words each image's caption holds
+    (multi-label, one logit per caption word: a bag-of-words image-text objective). Writes the checkpoint with the
+    trained ViT to `out_dir/model` (the head is dropped) and returns that directory; skipped when it exists."""
+    from instructblip import InstructBlipForConditionalGeneration
+    from instructblip.image_processing import InstructBlipImageProcessor
+
+    out = Path(out_dir) / "model"
+    if (out / "model.safetensors").is_file():
+        print(f"[recipe] {out} exists: stage 0 already done", flush=True)
+        return out
+    records = [json.loads(line) for line in Path(caption_source).read_text(encoding="utf-8").splitlines()]
+    words = sorted({w for r in records for w in r["caption"].split()})
+    processor = InstructBlipImageProcessor.from_pretrained(str(model_dir))
+    pixels = torch.stack([torch.from_numpy(processor.preprocess_one(Image.open(r["image"]).convert("RGB")))
+                          for r in records])  # (N, 3, H, W)
+    targets = torch.zeros(len(records), len(words))  # (N, words): multi-hot
+    for i, r in enumerate(records):
+        for w in r["caption"].split():
+            targets[i, words.index(w)] = 1.0
+
+    model = InstructBlipForConditionalGeneration.from_pretrained(str(model_dir))
+    vision = model.vision_model
+    vision.train()
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(vision.config.hidden_size, len(words))
+    params = [p for p in vision.parameters()] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    steps, batch, warmup = settings["max_steps"], settings["batch_size"], settings["warmup_steps"]
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        lr = settings["lr"] * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(records), (batch,), generator=generator)
+        features = vision(pixels[index]).last_hidden_state.mean(1)  # (B, D)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(features), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % settings["log_every"] == 0 or step + 1 == steps:
+            print(f"[stage 0] step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.3g}", flush=True)
+    tmp = out.with_name("model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
@@ -448,14 +509,21 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def run_stage(stage: dict, model_dir: str | Path, sources: list[dict], output_dir: str | Path, **overrides: Any):
-    """One training stage through `instructblip.train`: the stage's YAML values (TrainConfig keys), the starting
-    model, the data sources and the output directory; resumes an interrupted stage, skips a finished one."""
+    """One training stage through `instructblip.train`: the stage's YAML values (TrainConfig keys, plus
+    `source_weights`: {source name: manual weight on its sqrt-balanced probability}), the starting model, the data
+    sources and the output directory; resumes an interrupted stage, skips a finished one."""
     from instructblip.train import config_from_dict, train
 
     export = Path(output_dir) / "model"
     if (export / "model.safetensors").is_file() and (export / "train_config.json").is_file():
         print(f"[recipe] {export} exists: stage already done", flush=True)
         return None
+    stage = dict(stage)
+    weights = stage.pop("source_weights", None) or {}  # the recipe's key, not a TrainConfig one
+    unknown = set(weights) - {s["name"] for s in sources}
+    if unknown:
+        raise ValueError(f"source_weights names unknown sources {sorted(unknown)}")
+    sources = [dict(s, weight=weights[s["name"]]) if s["name"] in weights else s for s in sources]
     values = {**stage, **overrides, "model": str(model_dir), "train_data": sources, "output_dir": str(output_dir),
               "resume": "latest"}
     config = config_from_dict(values, where="recipe stage")

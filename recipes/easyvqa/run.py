@@ -8,7 +8,9 @@
 1. Tokenizers trained on the training split's text (byte-level BPE for the LLM, WordPiece for the Q-Former).
 2. A random (seeded) small InstructBLIP written as an HF-layout checkpoint (`model.yaml`).
 3. Image variants (augmentation that keeps colour and shape) and one JSONL source per question type + captions.
-4. Stage 1 (`stage1.yaml`, BLIP-2 stand-in): every part trained; the Q-Former does not see the instruction.
+4. Stage 0 (`stage0.yaml`, EVA-CLIP stand-in): the ViT alone learns the words of each image's caption.
+4. Stage 1 (`stage1.yaml`, BLIP-2 stand-in): every part trained; the Q-Former does not see the instruction;
+   the questions in BLIP-2's plain VQA prompt (`data.yaml` stage1_templates), no instruction templates yet.
 5. Stage 2 (`stage2.yaml`, instruction tuning): ViT and LLM frozen, the Q-Former reads the instruction.
 6. Evaluation with the harness's easy-vqa adapter on the test split, generation and ranking, per question type.
 
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, help="use only the training images with the N smallest ids")
     p.add_argument("--variants", type=int, help="image variants (data.yaml)")
     p.add_argument("--copies", type=int, help="records per question (data.yaml)")
+    p.add_argument("--stage0-steps", type=int, help="stage 0 max_steps (stage0.yaml)")
     p.add_argument("--stage1-steps", type=int, help="stage 1 max_steps (stage1.yaml)")
     p.add_argument("--stage2-steps", type=int, help="stage 2 max_steps (stage2.yaml)")
     p.add_argument("--batch-size", type=int, help="global and micro batch size of both stages")
@@ -66,8 +69,9 @@ def stage_settings(name: str, args: argparse.Namespace, steps: int | None) -> di
     return stage
 
 
-def prepare(work: Path, args: argparse.Namespace, spec: dict, data: dict) -> tuple[list[dict], Path]:
-    """Tokenizers, the initial model, the image variants and the training sources (each kept if already there)."""
+def prepare(work: Path, args: argparse.Namespace, spec: dict, data: dict) -> tuple[list[dict], list[dict], Path]:
+    """Tokenizers, the initial model, the image variants and the training sources of stages 1 and 2 (each kept if
+    already there)."""
     questions, paths = R.load_split("train")
     if args.max_images is not None:
         keep = set(sorted(paths)[: args.max_images])
@@ -85,8 +89,12 @@ def prepare(work: Path, args: argparse.Namespace, spec: dict, data: dict) -> tup
     if not (init / "model.safetensors").is_file():
         R.write_initial_model(init, spec, tokenizers / "llm", vocab, seed=args.seed, reads_instruction=False)
     variants = R.write_image_variants(paths, work / "images", args.variants or data["variants"], seed=args.seed)
-    sources = R.write_sources(work / "data", questions, variants, args.copies or data["copies"], seed=args.seed)
-    return sources, vocab_file
+    copies = args.copies or data["copies"]
+    stage1 = R.write_sources(work / "data-stage1", questions, variants, copies, seed=args.seed,
+                             templates=R.stage1_templates(data), balance_answers=data["balance_answers"])
+    stage2 = R.write_sources(work / "data", questions, variants, copies, seed=args.seed,
+                             balance_answers=data["balance_answers"])
+    return stage1, stage2, vocab_file
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,12 +106,21 @@ def main(argv: list[str] | None = None) -> dict:
     data = R.load_yaml(R.HERE / "data.yaml")
     timer = R.Timer()
 
-    sources, vocab_file = prepare(work, args, spec, data)
+    sources1, sources, vocab_file = prepare(work, args, spec, data)
     timer.mark("prepare")
     print(f"[recipe] data and initial model ready ({timer.marks['prepare']} s)", flush=True)
 
+    stage0 = R.load_yaml(R.HERE / "stage0.yaml")
+    if args.stage0_steps is not None:
+        stage0.update(max_steps=args.stage0_steps, warmup_steps=min(stage0["warmup_steps"], args.stage0_steps))
+    if args.batch_size is not None:
+        stage0["batch_size"] = args.batch_size
+    captions = next(s["path"] for s in sources if s["name"] == R.CAPTION)
+    start1 = R.pretrain_vision(work / "init", captions, work / "stage0", stage0, seed=args.seed)
+    timer.mark("stage0")
+
     stage1 = stage_settings("stage1", args, args.stage1_steps)
-    R.run_stage(stage1, work / "init", sources, work / "stage1", seed=args.seed)
+    R.run_stage(stage1, start1, sources1, work / "stage1", seed=args.seed)
     timer.mark("stage1")
 
     start2 = work / "stage2-init"

@@ -35,7 +35,8 @@ class UsageError(Exception):
 
 def _generation_flags(parser: argparse.ArgumentParser, beams: int, max_new: int) -> None:
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new, help=f"longest answer in tokens (default {max_new})")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"longest answer in tokens (default {max_new}, at most half the LLM's context)")
     g.add_argument("--min-new-tokens", type=int, default=None, help="shortest answer in tokens")
     g.add_argument("--num-beams", type=int, default=beams, help=f"beam search width; 1 = greedy (default {beams})")
     g.add_argument("--do-sample", action="store_true", help="sample instead of searching")
@@ -119,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
         raise UsageError(f"--num-beams must be at least 1, got {args.num_beams}")
-    out: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                               repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty)
+    out: dict[str, Any] = dict(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                               length_penalty=args.length_penalty)
+    if args.max_new_tokens is not None:
+        out["max_new_tokens"] = args.max_new_tokens
     if args.min_new_tokens is not None:
         out["min_new_tokens"] = args.min_new_tokens
     if args.do_sample:

@@ -104,13 +104,13 @@ class InstructBlip:
         images, instructions, many = self._batch(image, instruction)
         if any(not t.strip() for t in instructions):
             raise ValueError("the instruction is empty; ask something (or use caption())")
-        answers = self._generate(images, instructions, {**ASK_DEFAULTS, **generation})
+        answers = self._generate(images, instructions, {**self._defaults(ASK_DEFAULTS), **generation})
         return answers if many else answers[0]
 
     def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **generation: Any) -> str | list[str]:
         """Describe an image (or a list of images) with the paper's captioning prompt and settings."""
         images, prompts, many = self._batch(image, prompt)
-        answers = self._generate(images, prompts, {**CAPTION_DEFAULTS, **generation})
+        answers = self._generate(images, prompts, {**self._defaults(CAPTION_DEFAULTS), **generation})
         return answers if many else answers[0]
 
     def _generate(self, images: list, instructions: list[str], generation: dict) -> list[str]:
@@ -124,9 +124,17 @@ class InstructBlip:
 
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("the instruction must be a non-empty string")
-        settings = {**ASK_DEFAULTS, **generation, "num_beams": 1}
+        settings = {**self._defaults(ASK_DEFAULTS), **generation, "num_beams": 1}
         inputs = self._inputs([image], [instruction])
         yield from stream(self.model, self.processor.tokenizer, **inputs, **settings)
+
+    def _defaults(self, defaults: dict) -> dict:
+        """The default settings, with max_new_tokens at most half the context of a decoder-only LLM (the small
+        default model has 256 positions), so that the prompt keeps the rest."""
+        text = self.model.config.text_config
+        if text.is_encoder_decoder:
+            return defaults
+        return {**defaults, "max_new_tokens": min(defaults["max_new_tokens"], text.max_position_embeddings // 2)}
 
     def rank(self, image: Any, instruction: str, candidates: Sequence[str], reduction: str = "sum") -> Ranking:
         """Pick the candidate answer with the highest log-likelihood (the paper's vocabulary ranking)."""
