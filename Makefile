@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks recipes scripts
+	$(BIN)/ruff check src tests benchmarks recipes
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
