@@ -121,11 +121,7 @@ def prepare_base(work: Path, args: argparse.Namespace, config: dict) -> tuple[Pa
     if set(config["held_out_templates"]) & set(data["stage1_templates"]):
         raise ValueError("a held-out template is among data.yaml's stage1_templates")
 
-    stage0 = R.load_yaml(R.HERE / "stage0.yaml")
-    stage0["max_steps"] = args.stage0_steps or stage0["max_steps"]
-    stage0["warmup_steps"] = min(stage0["warmup_steps"], stage0["max_steps"])
-    if args.batch_size is not None:
-        stage0["batch_size"] = args.batch_size
+    stage0 = R.stage0_settings(args.stage0_steps, args.batch_size)
     captions = next(s["path"] for s in sources if s["name"] == R.CAPTION)
     start1 = R.pretrain_vision(root / "init", captions, root / "stage0", stage0, seed=seed)
     stage1 = R.load_yaml(R.HERE / "stage1.yaml")

@@ -447,6 +447,16 @@ def write_initial_model(directory: str | Path, spec: dict, llm_tokenizer_dir: st
 # Stages and evaluation
 
 
+def stage0_settings(steps: int | None = None, batch_size: int | None = None) -> dict:
+    """`stage0.yaml`, with max_steps / batch_size overridden when given (reduced-size runs)."""
+    stage0 = load_yaml(HERE / "stage0.yaml")
+    if steps:
+        stage0.update(max_steps=steps, warmup_steps=min(stage0["warmup_steps"], steps))
+    if batch_size is not None:
+        stage0["batch_size"] = batch_size
+    return stage0
+
+
 def pretrain_vision(model_dir: str | Path, caption_source: str | Path, out_dir: str | Path, settings: dict,
                     seed: int) -> Path:
     """Stage 0, the image encoder's own pre-training (standing in for EVA-CLIP, which BLIP-2 starts from): the ViT

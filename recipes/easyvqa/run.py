@@ -1,18 +1,18 @@
 """Train the small InstructBLIP shipped as the package's default model, on easy-vqa, in the paper's two stages.
 
-    python recipes/easyvqa/run.py                       # = make easyvqa; about 25 minutes on 2 CPU cores
-    python recipes/easyvqa/run.py --install             # ... and copy the result to src/instructblip/default_model/
-    python recipes/easyvqa/run.py --work-dir /tmp/x --max-images 16 --stage1-steps 2 --stage2-steps 2 \
-        --batch-size 4 --variants 2 --copies 1 --eval-limit 8   # the first steps at a reduced size (the tests)
+    python recipes/easyvqa/run.py                       # about 21 minutes on 2 CPU cores
+    python recipes/easyvqa/run.py --install             # = make easyvqa: ... and install it as the default model
+    python recipes/easyvqa/run.py --work-dir /tmp/x --max-images 16 --stage0-steps 2 --stage1-steps 2 \
+        --stage2-steps 2 --batch-size 4 --variants 2 --copies 1 --eval-limit 8   # the first steps at a reduced size (the tests)
 
 1. Tokenizers trained on the training split's text (byte-level BPE for the LLM, WordPiece for the Q-Former).
 2. A random (seeded) small InstructBLIP written as an HF-layout checkpoint (`model.yaml`).
 3. Image variants (augmentation that keeps colour and shape) and one JSONL source per question type + captions.
 4. Stage 0 (`stage0.yaml`, EVA-CLIP stand-in): the ViT alone learns the words of each image's caption.
-4. Stage 1 (`stage1.yaml`, BLIP-2 stand-in): every part trained; the Q-Former does not see the instruction;
+5. Stage 1 (`stage1.yaml`, BLIP-2 stand-in): every part trained; the Q-Former does not see the instruction;
    the questions in BLIP-2's plain VQA prompt (`data.yaml` stage1_templates), no instruction templates yet.
-5. Stage 2 (`stage2.yaml`, instruction tuning): ViT and LLM frozen, the Q-Former reads the instruction.
-6. Evaluation with the harness's easy-vqa adapter on the test split, generation and ranking, per question type.
+6. Stage 2 (`stage2.yaml`, instruction tuning): ViT and LLM frozen, the Q-Former reads the instruction.
+7. Evaluation with the harness's easy-vqa adapter on the test split, generation and ranking, per question type.
 
 Everything is seeded (`--seed`); the work directory keeps every step's output, and a rerun skips what is done
 (an interrupted stage resumes from its last checkpoint). `summary.json` in the work directory has the timings, the
@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     timer.mark("prepare")
     print(f"[recipe] data and initial model ready ({timer.marks['prepare']} s)", flush=True)
 
-    stage0 = R.load_yaml(R.HERE / "stage0.yaml")
-    if args.stage0_steps is not None:
-        stage0.update(max_steps=args.stage0_steps, warmup_steps=min(stage0["warmup_steps"], args.stage0_steps))
-    if args.batch_size is not None:
-        stage0["batch_size"] = args.batch_size
+    stage0 = R.stage0_settings(args.stage0_steps, args.batch_size)
     captions = next(s["path"] for s in sources if s["name"] == R.CAPTION)
     start1 = R.pretrain_vision(work / "init", captions, work / "stage0", stage0, seed=args.seed)
     timer.mark("stage0")
