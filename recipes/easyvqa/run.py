@@ -3,7 +3,7 @@
     python recipes/easyvqa/run.py                       # about 21 minutes on 2 CPU cores
     python recipes/easyvqa/run.py --install             # = make easyvqa: ... and install it as the default model
     python recipes/easyvqa/run.py --work-dir /tmp/x --max-images 16 --stage0-steps 2 --stage1-steps 2 \
-        --stage2-steps 2 --batch-size 4 --variants 2 --copies 1 --eval-limit 8   # the first steps at a reduced size (the tests)
+        --stage2-steps 2 --batch-size 4 --variants 2 --copies 1 --eval-limit 8   # reduced size (the tests)
 
 1. Tokenizers trained on the training split's text (byte-level BPE for the LLM, WordPiece for the Q-Former).
 2. A random (seeded) small InstructBLIP written as an HF-layout checkpoint (`model.yaml`).
