@@ -49,9 +49,8 @@ def test_default_model_answers_50_easy_vqa_test_questions():
     predictions = vlm.ask([paths[image_ids[i]] for i in picks], [questions[i] for i in picks])
     wrong = [(questions[i], answers[i], p) for i, p in zip(picks, predictions, strict=True)
              if not exact_match(p, answers[i])]
-    # issue 9 asks for 45/50; the shipped model answers 43 (docs/easyvqa.md: it reads colour, shape in part, and
-    # answers yes/no from the priors). The threshold guards what it does today, below the target.
-    assert len(wrong) <= 8, f"{50 - len(wrong)}/50 correct; wrong (question, answer, prediction): {wrong}"
+    # issue 9: at least 45 of 50 (docs/easyvqa.md: the shipped model answers 48 of these)
+    assert len(wrong) <= 5, f"{50 - len(wrong)}/50 correct; wrong (question, answer, prediction): {wrong}"
 
 
 def draw_shape(shape: str, colour: str, rng: random.Random, size: int = 64) -> Image.Image:
@@ -85,8 +84,9 @@ def test_default_model_reads_shapes_drawn_here():
     colours = vlm.ask(images, ["What color is the shape?"] * len(images))
     right = sum(s == shape for s, (shape, _) in zip(shapes, cases, strict=True))
     right += sum(c == colour for c, (_, colour) in zip(colours, cases, strict=True))
-    # measured: 30 of 36 (colour right every time, shape in two cases of three)
-    assert right >= 0.75 * 2 * len(cases), list(zip(cases, shapes, colours, strict=True))
+    # measured: 32 of 36 (shape 17 of 18; colour 15 of 18: PIL's "green" is #008000, darker than easy-vqa's green,
+    # and is read as black or yellow)
+    assert right >= 30, list(zip(cases, shapes, colours, strict=True))
 
 
 def test_shipped_checkpoint_is_the_one_recorded_in_the_docs():
@@ -135,6 +135,40 @@ def test_augmentation_keeps_colour_and_the_whole_shape():
             assert 0.4 < _shape_pixels(out) / area < 2.0  # scaled by 0.75-1.3 (small shapes never shrink)
 
 
+def test_text_examples_of_the_llm_pre_training_are_right_and_balanced():
+    """Stage 0b's text-only examples: the answer is the one the imagined image's facts give, the yes/no questions
+    (and bare words) are answered yes half of the time, and every question type and both kinds of extra examples
+    occur."""
+    from instructblip.templates import VQA_TEMPLATES
+
+    questions, _ = R.load_split("train")
+    rng = random.Random(0)
+    kinds: dict[str, list[str]] = {}
+    for _ in range(4000):
+        facts, prompt, answer = R.text_example(questions, rng, [VQA_TEMPLATES[0]], caption_share=0.1, word_share=0.2)
+        if prompt.rstrip("?") in R.COLORS + R.SHAPES:  # a bare word
+            kinds.setdefault("word", []).append(answer)
+            assert answer == ("yes" if prompt in facts.values() else "no")
+            continue
+        if answer == R.caption_of(facts):
+            kinds.setdefault("caption", []).append(answer)
+            continue
+        kind = R.question_type(prompt)
+        kinds.setdefault(kind, []).append(answer)
+        named = [w for w in prompt.rstrip("?").split() if w in R.COLORS + R.SHAPES]
+        if kind in ("color", "shape"):
+            assert answer == facts[kind] and all(w in facts.values() for w in named), (prompt, facts)
+        else:
+            attribute = "color" if kind.startswith("color") else "shape"
+            value = next(w for w in named if w in (R.COLORS if attribute == "color" else R.SHAPES))
+            assert answer == ("yes" if (value == facts[attribute]) == kind.endswith("present") else "no")
+    assert set(kinds) == {*R.QUESTION_TYPES, "word", "caption"}
+    for kind, answers in kinds.items():
+        if kind not in ("color", "shape", "caption"):
+            assert 0.4 < answers.count("yes") / len(answers) < 0.6, (kind, answers.count("yes"), len(answers))
+    assert 0.15 < len(kinds["word"]) / 4000 < 0.25
+
+
 def _shape_colour(region: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Median colour of a shape's core: the pixels at least half as far from the background as the farthest (the
     anti-aliased edge, blended with the background by resampling, left out)."""
@@ -178,14 +212,20 @@ def test_recipe_runs_at_a_reduced_size(tmp_path):
 
     run = _load("run")
     summary = run.main(["--work-dir", str(tmp_path), "--max-images", "12", "--variants", "2", "--copies", "1",
-                        "--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4",
-                        "--eval-limit", "6", "--threads", "1"])
+                        "--stage0-steps", "2", "--stage0-llm-steps", "4", "--stage1-steps", "2", "--stage2-steps", "2",
+                        "--batch-size", "4", "--eval-limit", "6", "--threads", "1"])
     model = Path(summary["model_dir"])
     assert summary["sha256"] == hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
     assert set(summary["eval"]) == {"generate", "rank"} and summary["eval"]["rank"]["num_samples"] == 6
     stage1 = json.loads((tmp_path / "stage1" / "model" / "train_config.json").read_text())
     stage2 = json.loads((model / "train_config.json").read_text())
-    assert stage1["train_vision"] and stage1["train_language_model"] and stage1["max_steps"] == 2
+    # stage 0 trains the ViT, stage 0b the LLM (and nothing else), stage 1 the Q-Former with both frozen
+    vision, llm, stage1_model = (_weights(tmp_path / d / "model") for d in ("stage0", "stage0-llm", "stage1"))
+    init = _weights(tmp_path / "init")
+    assert _differ(init, vision) == {"vision_model", "ln_vision"}
+    assert _differ(vision, llm) == {"language_model"}
+    assert _differ(llm, stage1_model) == {"qformer", "query_tokens", "language_projection", "ln_vision"}
+    assert not stage1["train_vision"] and not stage1["train_language_model"] and stage1["max_steps"] == 2
     assert not stage2["train_vision"] and not stage2["train_language_model"] and stage2["balance"] == "sqrt"
     assert {s["name"] for s in stage2["train_data"]} == {*R.QUESTION_TYPES, R.CAPTION}
     # the Q-Former reads the instruction in stage 2 only
@@ -196,16 +236,30 @@ def test_recipe_runs_at_a_reduced_size(tmp_path):
     assert isinstance(answer, str)
     # a rerun skips what is done
     again = run.main(["--work-dir", str(tmp_path), "--max-images", "12", "--variants", "2", "--copies", "1",
-                      "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4", "--skip-eval",
-                      "--threads", "1"])
+                      "--stage0-llm-steps", "4", "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4",
+                      "--skip-eval", "--threads", "1"])
     assert again["sha256"] == summary["sha256"]
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _differ(a: dict, b: dict) -> set[str]:
+    """The parts (vision_model, its post_layernorm = LAVIS' ln_vision, qformer, ...) with at least one tensor
+    that changed from a to b."""
+    assert a.keys() == b.keys()
+    part = {k: "ln_vision" if k.startswith("vision_model.post_layernorm.") else k.split(".")[0] for k in a}
+    return {part[k] for k in a if not (a[k] == b[k]).all()}
 
 
 def test_ablation_runs_at_a_reduced_size(tmp_path):
     ablation = _load("ablation")
     out = ablation.main(["--work-dir", str(tmp_path), "--seeds", "0", "--max-images", "10", "--stage0-steps", "1",
-                         "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "4", "--eval-limit", "3",
-                         "--threads", "1"])
+                         "--stage0-llm-steps", "2", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "4",
+                         "--eval-limit", "3", "--threads", "1"])
     scores = out["results"]["0"]
     assert set(scores) == {"full", "no_instruction", "no_balancing"}
     assert all(set(s) == set(ablation.COLUMNS) for s in scores.values())
@@ -216,3 +270,24 @@ def test_ablation_runs_at_a_reduced_size(tmp_path):
     assert len(_qformer_ids(seed / "full" / "model")) > 4
     held_out = json.loads((seed / "full" / "model" / "train_config.json").read_text())["train_data"]
     assert "shape" not in {s["name"] for s in held_out}
+
+
+def test_ablation_reuses_a_recipe_run_of_the_same_seed_only(tmp_path):
+    ablation = _load("ablation")
+    recipe = tmp_path / "recipe"
+    with pytest.raises(SystemExit, match="not a finished recipe run"):
+        ablation.reuse_recipe_run(recipe, tmp_path / "base", seed=0)
+    for name in ablation.REUSED:
+        (recipe / name).mkdir(parents=True)
+        (recipe / name / "file").write_text(name)
+    (recipe / "stage1" / "model").mkdir()
+    (recipe / "stage1" / "model" / "model.safetensors").write_text("weights")
+    (recipe / "summary.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(SystemExit, match="seed 1"):
+        ablation.reuse_recipe_run(recipe, tmp_path / "base", seed=0)
+    (recipe / "summary.json").write_text(json.dumps({"seed": 0}))
+    (tmp_path / "base" / "stage0").mkdir(parents=True)  # already there: kept
+    ablation.reuse_recipe_run(recipe, tmp_path / "base", seed=0)
+    assert (tmp_path / "base" / "stage1" / "model" / "model.safetensors").read_text() == "weights"
+    assert not (tmp_path / "base" / "stage0" / "file").exists()
+    assert (tmp_path / "base" / "stage0-llm" / "file").read_text() == "stage0-llm"

@@ -2,15 +2,16 @@
 
     python recipes/easyvqa/ablation.py [--work-dir runs/easyvqa-ablation] [--seeds 0 1 2]
 
-Once: data and stage-0 / stage-1 models as in the recipe (run.py), except that stage 2's instructions are rendered
-with the held-in VQA templates only. Then, per seed, three stage-2 runs from that model, of the same (shorter)
-budget, all without the held-out question type (`ablation.yaml`). Each is evaluated with the harness's easy-vqa
-adapter on the test split:
+Once: data and stage-0 / 0b / 1 models as in the recipe (run.py), except that stage 2's instructions are rendered
+with the held-in VQA templates only (`--base runs/easyvqa` takes those stages from a finished recipe run of the
+same seed instead of training them again: they are the same). Then, per seed, three stage-2 runs from that model,
+of the recipe's stage-2 budget, all without the held-out question type (`ablation.yaml`). Each is evaluated with
+the harness's easy-vqa adapter on the test split:
 
 - held-in: the held-in question types with the adapter's prompt ("Question: {} Short answer:", a held-in template);
 - held-out type: the held-out question type, same prompt (never seen in stage 2);
 - held-out templates: the held-in types, each question with one of the held-out templates (drawn with a fixed seed;
-  never seen in either stage);
+  never seen in any stage);
 - both: the held-out type with the held-out templates.
 
 Generation (the adapter's settings: beam 5, at most 10 tokens) and ranking over the 13 answers. The table (mean and
@@ -45,9 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default=str(R.HERE.parent.parent / "runs" / "easyvqa-ablation"))
     p.add_argument("--seeds", type=int, nargs="+", help="default: ablation.yaml")
+    p.add_argument("--base", help="a finished recipe run's work directory (run.py --work-dir, same seed): its "
+                                  "tokenizers, initial model, image variants and stages 0, 0b and 1 are reused")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-images", type=int, help="reduced size (tests): the training images with the N smallest ids")
     p.add_argument("--stage0-steps", type=int)
+    p.add_argument("--stage0-llm-steps", type=int)
     p.add_argument("--stage1-steps", type=int)
     p.add_argument("--stage2-steps", type=int)
     p.add_argument("--batch-size", type=int)
@@ -90,7 +94,7 @@ def evaluate(model_dir: Path, sets: dict[str, list], out_dir: Path) -> dict:
 
 
 def prepare_base(work: Path, args: argparse.Namespace, config: dict) -> tuple[Path, list[dict], Path]:
-    """Data, tokenizers, initial model, stages 0 and 1 (as run.py; stage 2's records rendered with the held-in
+    """Data, tokenizers, initial model, stages 0, 0b and 1 (as run.py; stage 2's records rendered with the held-in
     templates only), shared by every stage-2 run: the ablation is about stage 2.
     Returns (stage-1 model, stage-2 sources, Q-Former vocabulary file)."""
     from instructblip.templates import VQA_TEMPLATES
@@ -99,6 +103,8 @@ def prepare_base(work: Path, args: argparse.Namespace, config: dict) -> tuple[Pa
     data = R.load_yaml(R.HERE / "data.yaml")
     seed = config["base_seed"]
     root = work / "base"
+    if args.base:
+        reuse_recipe_run(Path(args.base), root, seed)
     questions, paths = R.load_split("train")
     if args.max_images is not None:
         keep = set(sorted(paths)[: args.max_images])
@@ -123,13 +129,37 @@ def prepare_base(work: Path, args: argparse.Namespace, config: dict) -> tuple[Pa
 
     stage0 = R.stage0_settings(args.stage0_steps, args.batch_size)
     captions = next(s["path"] for s in sources if s["name"] == R.CAPTION)
-    start1 = R.pretrain_vision(root / "init", captions, root / "stage0", stage0, seed=seed)
+    vision = R.pretrain_vision(root / "init", captions, root / "stage0", stage0, seed=seed)
+    llm = R.stage0_llm_settings(args.stage0_llm_steps, args.batch_size)
+    if set(config["held_out_templates"]) & set(llm["templates"]):
+        raise ValueError("a held-out template is among stage0_llm.yaml's templates")
+    start1 = R.pretrain_language_model(vision, questions, root / "stage0-llm", llm, seed=seed)
     stage1 = R.load_yaml(R.HERE / "stage1.yaml")
     if args.stage1_steps:
         stage1["max_steps"] = args.stage1_steps
     _shrink(stage1, args)
     R.run_stage(stage1, start1, sources1, root / "stage1", seed=seed)
     return root / "stage1" / "model", sources, vocab_file
+
+
+REUSED = ("tokenizers", "init", "images", "stage0", "stage0-llm", "stage1")
+
+
+def reuse_recipe_run(recipe_dir: Path, root: Path, seed: int) -> None:
+    """Copy what the ablation's base shares with a finished recipe run (same code, data and seed: the same files)
+    into `root`; parts already there are kept."""
+    summary = recipe_dir / "summary.json"
+    if not summary.is_file() or not (recipe_dir / "stage1" / "model" / "model.safetensors").is_file():
+        raise SystemExit(f"--base {recipe_dir}: not a finished recipe run (no summary.json or stage1/model); "
+                         "run recipes/easyvqa/run.py --work-dir there first, or leave --base out")
+    recipe_seed = json.loads(summary.read_text())["seed"]
+    if recipe_seed != seed:
+        raise SystemExit(f"--base {recipe_dir}: that run used seed {recipe_seed}, ablation.yaml's base_seed is {seed}")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in REUSED:
+        if not (root / name).exists():
+            shutil.copytree(recipe_dir / name, root / name)
+    print(f"[ablation] stages 0, 0b and 1 taken from {recipe_dir}", flush=True)
 
 
 def run_seed(seed: int, work: Path, args: argparse.Namespace, config: dict, sets: dict[str, list],
@@ -186,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     sets = eval_sets(config, args.eval_limit)
     timer = R.Timer()
     base = prepare_base(work, args, config)
-    timer.mark("stages 0 and 1")
+    timer.mark("stages 0, 0b and 1")
     all_results = {}
     for seed in args.seeds or config["seeds"]:
         all_results[seed] = run_seed(seed, work, args, config, sets, base)

@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import string
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -331,18 +332,23 @@ def train_llm_tokenizer(corpus: list[str], vocab_size: int, directory: str | Pat
 
 
 def train_qformer_vocab(corpus: list[str], vocab_size: int) -> list[str]:
-    """A WordPiece vocabulary (BERT's normalisation and pre-tokenisation), `[DEC]` last (LAVIS' bos token)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import WordPiece
+    """A WordPiece vocabulary for the Q-Former (BERT layout, `[DEC]` last: LAVIS' bos token): every word of the
+    corpus whole, after BERT's normalisation and pre-tokenisation (the `tokenizers` library's), plus every character
+    (and every lower-case letter and digit) alone and as a `##` continuation, so that other words are spelled out.
+    Built here rather than by `tokenizers`' WordPiece trainer, whose merges between equally frequent pairs change
+    from one process to the next: this one is the same on every run (and so are the initial model and the weights)."""
+    from tokenizers import normalizers, pre_tokenizers
 
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=list(QFORMER_SPECIAL),
-                                        show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    vocab = tok.get_vocab()
-    return [token for token, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["[DEC]"]
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = {w for line in corpus for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(line))}
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits))
+    whole = sorted(words - set(chars), key=lambda w: (len(w), w))
+    vocab = [*QFORMER_SPECIAL, *chars, *(f"##{c}" for c in chars), *whole, "[DEC]"]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"the corpus needs a Q-Former vocabulary of {len(vocab)} tokens; qformer_vocab_size is "
+                         f"{vocab_size}: raise it in model.yaml")
+    return vocab
 
 
 def write_qformer_tokenizer(vocab: list[str], directory: str | Path, reads_instruction: bool = True) -> None:
@@ -457,6 +463,33 @@ def stage0_settings(steps: int | None = None, batch_size: int | None = None) -> 
     return stage0
 
 
+def warmup_cosine(peak: float, step: int, warmup: int, steps: int) -> float:
+    """The learning rate of stages 0 and 0b at `step` (0-based): linear warm-up times a cosine decay to 0."""
+    return peak * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def write_stage_model(model: torch.nn.Module, model_dir: str | Path, out: Path) -> Path:
+    """`model_dir`'s files (processor, tokenizers) with `model`'s weights, written to `out` whole or not at all."""
+    tmp = out.with_name("model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def stage0_llm_settings(steps: int | None = None, batch_size: int | None = None) -> dict:
+    """`stage0_llm.yaml`, with max_steps / batch_size overridden when given (reduced-size runs)."""
+    settings = load_yaml(HERE / "stage0_llm.yaml")
+    if steps:
+        settings.update(max_steps=steps, warmup_steps=min(settings["warmup_steps"], steps),
+                        first_steps=min(settings["first_steps"], steps // 2))
+    if batch_size is not None:
+        settings["batch_size"] = batch_size
+    return settings
+
+
 def pretrain_vision(model_dir: str | Path, caption_source: str | Path, out_dir: str | Path, settings: dict,
                     seed: int) -> Path:
     """Stage 0, the image encoder's own pre-training (standing in for EVA-CLIP, which BLIP-2 starts from): the ViT
@@ -490,7 +523,7 @@ def pretrain_vision(model_dir: str | Path, caption_source: str | Path, out_dir: 
     steps, batch, warmup = settings["max_steps"], settings["batch_size"], settings["warmup_steps"]
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        lr = settings["lr"] * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = warmup_cosine(settings["lr"], step, warmup, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(records), (batch,), generator=generator)
@@ -501,14 +534,138 @@ def pretrain_vision(model_dir: str | Path, caption_source: str | Path, out_dir: 
         optimizer.step()
         if (step + 1) % settings["log_every"] == 0 or step + 1 == steps:
             print(f"[stage 0] step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.3g}", flush=True)
-    tmp = out.with_name("model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return write_stage_model(model, model_dir, out)
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 0b: the language model's own pre-training (standing in for Vicuna / Flan-T5)
+
+FILLERS = (" a", ".", " shape", " the")  # words that fill the query slots of a text "image" beside its two facts
+
+
+def answer_of(kind: str, facts: dict[str, str], mentioned: str | None) -> str:
+    """The answer to a question of type `kind` about an image with `facts`, naming `mentioned` (yes/no types)."""
+    if kind in ("color", "shape"):
+        return facts[kind]
+    attribute = "color" if kind.startswith("color") else "shape"
+    return "yes" if (facts[attribute] == mentioned) == kind.endswith("present") else "no"
+
+
+def text_example(questions: list[tuple[str, str, int]], rng: random.Random, templates: list[str],
+                 caption_share: float, word_share: float = 0.0) -> tuple[dict[str, str], str, str]:
+    """One text-only example: (facts of an imagined image, prompt, answer). The facts are drawn uniformly from the
+    24 colour x shape pairs; a training question is rewritten to name them (colour / shape questions) or, for yes/no
+    questions, names the image's value half of the time and another one otherwise, so that "yes" and "no" are equally
+    likely and only a comparison answers them."""
+    facts = {"color": rng.choice(COLORS), "shape": rng.choice(SHAPES)}
+    if rng.random() < caption_share:
+        from instructblip.templates import CAPTION_TEMPLATES
+
+        return facts, rng.choice(CAPTION_TEMPLATES), caption_of(facts)
+    if rng.random() < word_share:  # the bare word: "red" -> is it the image's colour?
+        attribute = rng.choice(("color", "shape"))
+        values = COLORS if attribute == "color" else SHAPES
+        word = facts[attribute] if rng.random() < 0.5 else rng.choice([v for v in values if v != facts[attribute]])
+        return facts, word, "yes" if word == facts[attribute] else "no"
+    question = rng.choice(questions)[0]
+    kind = question_type(question)
+    words = question.rstrip("?").split()
+    if kind in ("color", "shape"):
+        words = [facts["shape"] if w in SHAPES else facts["color"] if w in COLORS else w for w in words]
+        mentioned = None
+    else:
+        attribute = "color" if kind.startswith("color") else "shape"
+        values = COLORS if attribute == "color" else SHAPES
+        mentioned = facts[attribute] if rng.random() < 0.5 else rng.choice([v for v in values if v != facts[attribute]])
+        words = [mentioned if w in values else w for w in words]
+        if attribute == "shape":  # "is there a circle" / "an ..." follows the named shape
+            words = [("an" if words[i + 1][0] in "aeiou" else "a") if w in ("a", "an") and i + 1 < len(words)
+                     and words[i + 1] in SHAPES else w for i, w in enumerate(words)]
+    question = " ".join(words) + "?"
+    prompt = render(rng.choice(templates), question)
+    return facts, prompt, answer_of(kind, facts, mentioned)
+
+
+def pretrain_language_model(model_dir: str | Path, questions: list[tuple[str, str, int]], out_dir: str | Path,
+                            settings: dict, seed: int) -> Path:
+    """Stage 0b, the LLM's own pre-training (standing in for Vicuna / Flan-T5, which InstructBLIP takes pre-trained
+    and frozen): the LLM of `model_dir` alone, on text. Each example describes an imagined image in words, written
+    where the image's query tokens will stand ("red circle a ." in the 4 query positions, in random order), then
+    asks a question about it (or for a caption) in one of the paper's VQA templates (`settings["templates"]`,
+    indices; `first_templates` for the first `first_steps` steps); the loss is on the answer. The LLM learns to
+    read the facts from the query positions and compare them with the question's words; stage 1 then teaches the
+    Q-Former to write the facts of real images there. Writes `out_dir/model` and returns it; skipped when it exists."""
+    from instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from instructblip.data import Collator
+    from instructblip.templates import VQA_TEMPLATES
+
+    out = Path(out_dir) / "model"
+    if (out / "model.safetensors").is_file():
+        print(f"[recipe] {out} exists: LLM pre-training already done", flush=True)
+        return out
+    model = InstructBlipForConditionalGeneration.from_pretrained(str(model_dir))
+    processor = InstructBlipProcessor.from_pretrained(str(model_dir))
+    collate = Collator(processor, is_encoder_decoder=False, max_prompt_length=64, max_answer_length=8)
+    tokenizer = processor.tokenizer
+    Q = model.config.num_query_tokens
+
+    def word_id(word: str) -> int:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]  # the tokenizer keeps every word whole
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens for the LLM tokenizer; the text image needs one")
+        return ids[0]
+
+    ids = {w: word_id(" " + w) for w in (*COLORS, *SHAPES)}
+    fillers = [word_id(w) for w in FILLERS]
+    templates = [VQA_TEMPLATES[i] for i in settings["templates"]]
+    first_templates = [VQA_TEMPLATES[i] for i in settings.get("first_templates") or settings["templates"]]
+    rng = random.Random(f"{seed}:llm")
+    torch.manual_seed(seed)
+    dummy = torch.zeros(3, 1, 1)
+
+    def batch_of(n: int, step: int) -> tuple[dict, torch.Tensor]:
+        examples, prefixes = [], []
+        pool = first_templates if step < settings.get("first_steps", 0) else templates
+        for _ in range(n):
+            facts, prompt, answer = text_example(questions, rng, pool, settings["caption_share"],
+                                                  settings.get("word_share", 0.0))
+            slots = [rng.choice(fillers) for _ in range(Q)]
+            where = rng.sample(range(Q), 2)
+            slots[where[0]], slots[where[1]] = ids[facts["color"]], ids[facts["shape"]]
+            examples.append({"prompt": prompt, "target": answer, "pixel_values": dummy, "references": [answer],
+                             "task": "text", "source": "text", "skipped": []})
+            prefixes.append(slots)
+        batch = collate(examples)
+        return batch, torch.tensor(prefixes)  # (B, Q)
+
+    lm = model.language_model
+    lm.train()
+    params = list(lm.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    steps, warmup = settings["max_steps"], settings["warmup_steps"]
+    image_token = model.config.image_token_index
+    for step in range(steps):
+        lr = warmup_cosine(settings["lr"], step, warmup, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch, prefix = batch_of(settings["batch_size"], step)
+        input_ids = batch["input_ids"].clone()
+        input_ids[input_ids == image_token] = prefix.flatten()  # the text "image" in the query positions
+        hidden = lm(lm.embed_tokens(input_ids), batch["attention_mask"])
+        loss = model._loss(lm.logits(hidden), batch["labels"], is_t5=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % settings["log_every"] == 0 or step + 1 == steps:
+            with torch.no_grad():  # first answer token right, on this batch
+                logits = lm.logits(hidden)
+                labels = batch["labels"]
+                first = (labels != -100).int().argmax(1)  # (B,) position of the first answer token
+                rows = torch.arange(len(labels))
+                right = (logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean()
+            print(f"[stage 0b] step {step + 1}/{steps} | loss {loss.item():.4f} | first-token acc {right:.3f} | "
+                  f"lr {lr:.3g}", flush=True)
+    return write_stage_model(model, model_dir, out)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,18 +1,20 @@
 """Train the small InstructBLIP shipped as the package's default model, on easy-vqa, in the paper's two stages.
 
-    python recipes/easyvqa/run.py                       # about 21 minutes on 2 CPU cores
+    python recipes/easyvqa/run.py                       # about 29 minutes on 2 CPU cores
     python recipes/easyvqa/run.py --install             # = make easyvqa: ... and install it as the default model
-    python recipes/easyvqa/run.py --work-dir /tmp/x --max-images 16 --stage0-steps 2 --stage1-steps 2 \
-        --stage2-steps 2 --batch-size 4 --variants 2 --copies 1 --eval-limit 8   # reduced size (the tests)
+    python recipes/easyvqa/run.py --work-dir /tmp/x --max-images 16 --stage0-steps 2 --stage0-llm-steps 2 \
+        --stage1-steps 2 --stage2-steps 2 --batch-size 4 --variants 2 --copies 1 --eval-limit 8   # reduced (tests)
 
-1. Tokenizers trained on the training split's text (byte-level BPE for the LLM, WordPiece for the Q-Former).
+1. Tokenizers: a byte-level BPE for the LLM (trained with `tokenizers`), a WordPiece vocabulary for the Q-Former.
 2. A random (seeded) small InstructBLIP written as an HF-layout checkpoint (`model.yaml`).
 3. Image variants (augmentation that keeps colour and shape) and one JSONL source per question type + captions.
 4. Stage 0 (`stage0.yaml`, EVA-CLIP stand-in): the ViT alone learns the words of each image's caption.
-5. Stage 1 (`stage1.yaml`, BLIP-2 stand-in): every part trained; the Q-Former does not see the instruction;
-   the questions in BLIP-2's plain VQA prompt (`data.yaml` stage1_templates), no instruction templates yet.
-6. Stage 2 (`stage2.yaml`, instruction tuning): ViT and LLM frozen, the Q-Former reads the instruction.
-7. Evaluation with the harness's easy-vqa adapter on the test split, generation and ranking, per question type.
+5. Stage 0b (`stage0_llm.yaml`, Vicuna stand-in): the LLM alone learns on text, an imagined image written in words
+   where the query tokens will stand.
+6. Stage 1 (`stage1.yaml`, BLIP-2 stand-in): ViT and LLM frozen, the Q-Former learns to write what it sees where
+   the LLM reads; the Q-Former does not see the instruction; questions asked plainly (`data.yaml` stage1_templates).
+7. Stage 2 (`stage2.yaml`, instruction tuning): ViT and LLM frozen, the Q-Former reads the instruction.
+8. Evaluation with the harness's easy-vqa adapter on the test split, generation and ranking, per question type.
 
 Everything is seeded (`--seed`); the work directory keeps every step's output, and a rerun skips what is done
 (an interrupted stage resumes from its last checkpoint). `summary.json` in the work directory has the timings, the
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", type=int, help="image variants (data.yaml)")
     p.add_argument("--copies", type=int, help="records per question (data.yaml)")
     p.add_argument("--stage0-steps", type=int, help="stage 0 max_steps (stage0.yaml)")
+    p.add_argument("--stage0-llm-steps", type=int, help="stage 0b max_steps (stage0_llm.yaml)")
     p.add_argument("--stage1-steps", type=int, help="stage 1 max_steps (stage1.yaml)")
     p.add_argument("--stage2-steps", type=int, help="stage 2 max_steps (stage2.yaml)")
     p.add_argument("--batch-size", type=int, help="global and micro batch size of both stages")
@@ -69,9 +72,9 @@ def stage_settings(name: str, args: argparse.Namespace, steps: int | None) -> di
     return stage
 
 
-def prepare(work: Path, args: argparse.Namespace, spec: dict, data: dict) -> tuple[list[dict], list[dict], Path]:
-    """Tokenizers, the initial model, the image variants and the training sources of stages 1 and 2 (each kept if
-    already there)."""
+def prepare(work: Path, args: argparse.Namespace, spec: dict, data: dict) -> tuple[list, list[dict], list[dict], Path]:
+    """The training questions, tokenizers, the initial model, the image variants and the training sources of stages
+    1 and 2 (each kept if already there)."""
     questions, paths = R.load_split("train")
     if args.max_images is not None:
         keep = set(sorted(paths)[: args.max_images])
@@ -94,7 +97,7 @@ def prepare(work: Path, args: argparse.Namespace, spec: dict, data: dict) -> tup
                              templates=R.stage1_templates(data), balance_answers=data["balance_answers"])
     stage2 = R.write_sources(work / "data", questions, variants, copies, seed=args.seed,
                              balance_answers=data["balance_answers"])
-    return stage1, stage2, vocab_file
+    return questions, stage1, stage2, vocab_file
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,14 +109,17 @@ def main(argv: list[str] | None = None) -> dict:
     data = R.load_yaml(R.HERE / "data.yaml")
     timer = R.Timer()
 
-    sources1, sources, vocab_file = prepare(work, args, spec, data)
+    questions, sources1, sources, vocab_file = prepare(work, args, spec, data)
     timer.mark("prepare")
     print(f"[recipe] data and initial model ready ({timer.marks['prepare']} s)", flush=True)
 
     stage0 = R.stage0_settings(args.stage0_steps, args.batch_size)
     captions = next(s["path"] for s in sources if s["name"] == R.CAPTION)
-    start1 = R.pretrain_vision(work / "init", captions, work / "stage0", stage0, seed=args.seed)
+    vision = R.pretrain_vision(work / "init", captions, work / "stage0", stage0, seed=args.seed)
     timer.mark("stage0")
+    llm = R.stage0_llm_settings(args.stage0_llm_steps, args.batch_size)
+    start1 = R.pretrain_language_model(vision, questions, work / "stage0-llm", llm, seed=args.seed)
+    timer.mark("stage0_llm")
 
     stage1 = stage_settings("stage1", args, args.stage1_steps)
     R.run_stage(stage1, start1, sources1, work / "stage1", seed=args.seed)
