@@ -37,7 +37,7 @@ bench: $(STAMP)
 easyvqa: $(STAMP)
 	$(BIN)/python recipes/easyvqa/run.py --install
 
-# the paper's ablation in miniature (docs/easyvqa.md): about 35 minutes on 2 cores after `make easyvqa` (whose
+# the paper's ablation in miniature (docs/easyvqa.md): about 35-40 minutes on 2 cores after `make easyvqa` (whose
 # stages 0, 0b and 1 it reuses), about an hour without
 easyvqa-ablation: $(STAMP)
 	$(BIN)/python recipes/easyvqa/ablation.py --eval-limit 1000 $$(test -f runs/easyvqa/summary.json && echo --base runs/easyvqa)
