@@ -564,8 +564,7 @@ def text_example(questions: list[tuple[str, str, int]], rng: random.Random, temp
         return facts, rng.choice(CAPTION_TEMPLATES), caption_of(facts)
     if rng.random() < word_share:  # the bare word: "red" -> is it the image's colour?
         attribute = rng.choice(("color", "shape"))
-        values = COLORS if attribute == "color" else SHAPES
-        word = facts[attribute] if rng.random() < 0.5 else rng.choice([v for v in values if v != facts[attribute]])
+        word = _named_value(facts, attribute, rng)
         return facts, word, "yes" if word == facts[attribute] else "no"
     question = rng.choice(questions)[0]
     kind = question_type(question)
@@ -575,15 +574,17 @@ def text_example(questions: list[tuple[str, str, int]], rng: random.Random, temp
         mentioned = None
     else:
         attribute = "color" if kind.startswith("color") else "shape"
-        values = COLORS if attribute == "color" else SHAPES
-        mentioned = facts[attribute] if rng.random() < 0.5 else rng.choice([v for v in values if v != facts[attribute]])
-        words = [mentioned if w in values else w for w in words]
-        if attribute == "shape":  # "is there a circle" / "an ..." follows the named shape
-            words = [("an" if words[i + 1][0] in "aeiou" else "a") if w in ("a", "an") and i + 1 < len(words)
-                     and words[i + 1] in SHAPES else w for i, w in enumerate(words)]
+        mentioned = _named_value(facts, attribute, rng)
+        words = [mentioned if w in (COLORS if attribute == "color" else SHAPES) else w for w in words]
     question = " ".join(words) + "?"
     prompt = render(rng.choice(templates), question)
     return facts, prompt, answer_of(kind, facts, mentioned)
+
+
+def _named_value(facts: dict[str, str], attribute: str, rng: random.Random) -> str:
+    """The colour or shape a yes/no example names: the image's own half of the time, another one otherwise."""
+    values = COLORS if attribute == "color" else SHAPES
+    return facts[attribute] if rng.random() < 0.5 else rng.choice([v for v in values if v != facts[attribute]])
 
 
 def pretrain_language_model(model_dir: str | Path, questions: list[tuple[str, str, int]], out_dir: str | Path,
@@ -597,6 +598,7 @@ def pretrain_language_model(model_dir: str | Path, questions: list[tuple[str, st
     Q-Former to write the facts of real images there. Writes `out_dir/model` and returns it; skipped when it exists."""
     from instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
     from instructblip.data import Collator
+    from instructblip.model import IGNORE_INDEX
     from instructblip.templates import VQA_TEMPLATES
 
     out = Path(out_dir) / "model"
@@ -651,16 +653,15 @@ def pretrain_language_model(model_dir: str | Path, questions: list[tuple[str, st
         batch, prefix = batch_of(settings["batch_size"], step)
         input_ids = batch["input_ids"].clone()
         input_ids[input_ids == image_token] = prefix.flatten()  # the text "image" in the query positions
-        hidden = lm(lm.embed_tokens(input_ids), batch["attention_mask"])
-        loss = model._loss(lm.logits(hidden), batch["labels"], is_t5=False)
+        logits = lm.logits(lm(lm.embed_tokens(input_ids), batch["attention_mask"]))
+        loss = model._loss(logits, batch["labels"], is_t5=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if (step + 1) % settings["log_every"] == 0 or step + 1 == steps:
             with torch.no_grad():  # first answer token right, on this batch
-                logits = lm.logits(hidden)
                 labels = batch["labels"]
-                first = (labels != -100).int().argmax(1)  # (B,) position of the first answer token
+                first = (labels != IGNORE_INDEX).int().argmax(1)  # (B,) position of the first answer token
                 rows = torch.arange(len(labels))
                 right = (logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean()
             print(f"[stage 0b] step {step + 1}/{steps} | loss {loss.item():.4f} | first-token acc {right:.3f} | "
