@@ -12,9 +12,10 @@ Workloads (issue 8):
   e   five instructions about one image at the real ViT-g size
   f   loading a checkpoint: time and peak memory (fresh processes; see load_memory.py)
 transformers builds each model and saves it; ours loads the checkpoint transformers saved. Each row prints median
-and min time, the ratio theirs/ours (> 1: we are faster), the achieved GFLOP/s (compute-bound rows) or GB/s of
-weights read per token (decode rows) against the machine's measured peak, the peak memory rise during the call, and
-PASS/FAIL against the issue's targets.
+and min time, the ratio of the medians theirs/ours (> 1: we are faster), the achieved GFLOP/s (compute-bound rows)
+or GB/s of weights read per token (decode rows) at the best repetition against the machine's measured peak (itself a
+best of repetitions, measured before and after the image rows), the peak memory rise during the call, and PASS/FAIL
+against the issue's targets.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
+
+from instructblip import ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
@@ -74,15 +79,22 @@ class PeakMemory:
 
 
 def matmul_peak_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best / 1e9
+    """The best fp32 GEMM rate torch reaches here: MKL's (`F.linear`) and oneDNN's (`ops.linear`), each at 2048^3 and
+    at the ViT-g fc1 shape (257 x 1408 -> 6144), best of 10 (so the vision rows cannot pass by a weak reference)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (257, 1408, 6144)):
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        gemms = [partial(F.linear, x, w)]
+        if ops._ONEDNN:
+            gemms.append(partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "none", [], ""))
+        for gemm in gemms:
+            for _ in range(3):
+                gemm()
+            for _ in range(10):
+                t = time.perf_counter()
+                gemm()
+                best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def read_bandwidth_gbs() -> float:
@@ -321,14 +333,14 @@ def fmt_time(seconds: float) -> str:
 
 
 def table(rows: list[Row], peak: float, bandwidth: float) -> str:
-    lines = ["| workload | ours median (min) | transformers median (min) | speed-up | ours per token | ours achieved "
-             "| peak mem rise ours / theirs | same output | target | verdict |",
+    lines = ["| workload | ours median (min) | transformers median (min) | speed-up | ours per token "
+             "| ours achieved (min) | peak mem rise ours / theirs | same output | target | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mo, mt = statistics.median(r.ours), statistics.median(r.theirs)
         achieved, verdicts, target = "", [], []
-        if r.work is not None:
-            rate = r.work / mo
+        if r.work is not None:  # at the best repetition, as the peak is the best of its repetitions
+            rate = r.work / min(r.ours)
             top = peak if r.unit == "GFLOP/s" else bandwidth
             achieved = f"{rate:.0f} {r.unit} ({rate / top:.0%} of peak)"
             if r.peak_fraction is not None:
@@ -369,13 +381,12 @@ def main() -> None:
     only = set(args.only)
     torch.manual_seed(0)
     peak, bandwidth = matmul_peak_gflops(), read_bandwidth_gbs()
-    header = (f"Machine: {machine()}\nMeasured peaks: fp32 matmul {peak:.0f} GFLOP/s (2048^3), memory read "
-              f"{bandwidth:.1f} GB/s (sum over 256 MiB)\n")
-    print(header, flush=True)
+    print(f"Machine: {machine()}\nfp32 matmul peak {peak:.0f} GFLOP/s, memory read {bandwidth:.1f} GB/s", flush=True)
     rows: list[Row] = []
     with torch.inference_mode():
         if "a" in only:
             workload_a(args.reps, rows, peak)
+            peak = max(peak, matmul_peak_gflops())  # measured again: the host's speed drifts on a shared machine
             print(table(rows, peak, bandwidth), flush=True)
     if only & {"b", "c"}:
         workload_bc(args.reps, rows, bandwidth, only)
@@ -383,6 +394,8 @@ def main() -> None:
         workload_d(args.reps, rows, bandwidth)
     if "e" in only:
         workload_e(args.reps, rows, peak)
+    header = (f"Machine: {machine()}\nMeasured peaks: fp32 matmul {peak:.0f} GFLOP/s (best of MKL and oneDNN at 2048^3 "
+              f"and 257x1408x6144), memory read {bandwidth:.1f} GB/s (sum over 256 MiB)\n")
     report = header + "\n" + table(rows, peak, bandwidth) + "\n"
     if "f" in only:
         text: list[str] = []

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import InstructBlipConfig
 from .llama import Llama
+from .ops import Linear
 from .outputs import EncoderOutput, ImageFeaturesOutput, InstructBlipOutput
 from .qformer import InstructBlipQFormerModel
 from .t5 import T5
@@ -39,7 +40,7 @@ class InstructBlipModel(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = InstructBlipQFormerModel(config.qformer_config)
         text = config.text_config
-        self.language_projection = nn.Linear(config.qformer_config.hidden_size, text.hidden_size)
+        self.language_projection = Linear(config.qformer_config.hidden_size, text.hidden_size)
         if text.is_encoder_decoder:
             self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
         else:

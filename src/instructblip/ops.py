@@ -1,11 +1,19 @@
-"""A faster linear layer for the few-row products of decoding on CPU.
+"""A faster linear layer for fp32 inference on CPU.
 
-Decoding multiplies 1-16 rows (the batch, or the beams) by each weight. With MKL's fp32 kernels, this machine runs
-`x @ W^T` for a (out, in) weight 1.5-3x slower than the same product computed as `(W @ x^T)^T` (measured: LM head
-32000x512, 5 rows: 5.7 ms against 1.9 ms), and a single row faster still when padded to two: MKL's row-major GEMV
-reads the weight at about half the memory bandwidth its 2-column GEMM reaches (LM head 3.5 ms against 1.2 ms; the
-four layers of a 45M LLaMA, weights not in cache: 3.1 ms against 1.5 ms). Results equal `F.linear` up to float
-rounding. Everything else (GPU, half precision, many rows, tiny weights) goes to `F.linear`.
+Two routes beat `F.linear` (MKL's sgemm) on this machine's AMD EPYC, with the same weights in the same layout:
+
+- **Few rows (1-16: decoding, beams).** MKL runs `x @ W^T` for a (out, in) weight 1.5-3x slower than the same product
+  computed as `(W @ x^T)^T` (measured: LM head 32000x512, 5 rows: 5.7 ms against 1.9 ms), and a single row faster
+  still when padded to two: MKL's row-major GEMV reads the weight at about half the memory bandwidth its 2-column GEMM
+  reaches (LM head 3.5 ms against 1.2 ms; the four layers of a 45M LLaMA, weights not in cache: 3.1 ms against 1.5 ms).
+- **More rows (image encoding, the Q-Former, prompt prefill), when no gradient is needed.** oneDNN's matmul
+  (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls; it reads the ordinary dense
+  weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows 1.1-1.45x faster than MKL, and 1.3-2x at
+  32-128 rows (`benchmarks/gemm_routes.py` prints the comparison). It has no backward, so anything that needs a
+  gradient through the product stays on `F.linear`; so does anything when `torch.backends.mkldnn.enabled` is False.
+
+Results equal `F.linear` up to float rounding (the sums are taken in another order). Everything else (GPU, half
+precision, tiny weights) goes to `F.linear`.
 """
 
 from __future__ import annotations
@@ -16,12 +24,21 @@ from torch import Tensor, nn
 
 MAX_ROWS = 16
 MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache and the plain path is as fast
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or not 0 < rows <= MAX_ROWS
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
+        return F.linear(x, weight, bias)
+    if rows > MAX_ROWS:
+        if _ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
