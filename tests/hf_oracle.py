@@ -58,3 +58,55 @@ def hf_model(family: str, seed: int = 0, cls_name: str = "InstructBlipForConditi
     if family == "t5" and hasattr(lm, "lm_head"):  # Flan-T5: an lm_head of its own (5.x ties it at init)
         lm.lm_head.weight = nn.Parameter(torch.empty_like(lm.lm_head.weight))
     return randomize(model, seed).eval()
+
+
+WIDE_IMAGE_TOKEN = 299
+WIDE_QUERIES = 4
+
+
+def wide_model(family: str, directory, tie: bool = False):
+    """A transformers model whose every projection has at least `ops.MIN_WEIGHT` elements (so the fast linear routes
+    and int8 quantization are exercised), saved to `directory`."""
+    import transformers
+
+    vision = transformers.InstructBlipVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=64, patch_size=16)  # 17 rows
+    qformer = transformers.InstructBlipQFormerConfig(vocab_size=300, hidden_size=256, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=512,
+                                                     cross_attention_frequency=1, encoder_hidden_size=256,
+                                                     max_position_embeddings=64)
+    if family == "llama":
+        text = transformers.LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie)
+    else:
+        text = transformers.T5Config(vocab_size=300, d_model=256, d_kv=64, d_ff=512, num_layers=2,
+                                     num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                                     dense_act_fn="gelu", tie_word_embeddings=tie, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)
+    config = transformers.InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                             text_config=text.to_dict(), num_query_tokens=WIDE_QUERIES,
+                                             image_token_index=WIDE_IMAGE_TOKEN)
+    torch.manual_seed(0)
+    theirs = transformers.InstructBlipForConditionalGeneration(config)
+    if family == "t5" and not tie:
+        head = theirs.language_model.lm_head
+        head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
+    theirs = randomize(theirs).eval()
+    with torch.no_grad():  # randomize's 0.2 spread is for width 32; keep the wide model's activations in range
+        for name, p in theirs.named_parameters():
+            if p.dim() == 2 and p.shape[1] > 32 and not any(k in name for k in ("embed", "shared", "query_tokens")):
+                p.mul_(32 / p.shape[1])
+    theirs.save_pretrained(directory)
+    return theirs
+
+
+def wide_inputs() -> dict:
+    g = torch.Generator().manual_seed(3)
+    B, L = 3, 6
+    ids = torch.randint(3, WIDE_IMAGE_TOKEN, (B, L), generator=g)
+    ids = torch.cat([torch.full((B, WIDE_QUERIES), WIDE_IMAGE_TOKEN), ids], 1)
+    return dict(pixel_values=torch.randn(B, 3, 64, 64, generator=g),
+                qformer_input_ids=torch.randint(1, 300, (B, 6), generator=g),
+                qformer_attention_mask=torch.ones(B, 6, dtype=torch.long),
+                input_ids=ids, attention_mask=torch.ones_like(ids))

@@ -10,15 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_oracle import randomize
+from hf_oracle import wide_inputs, wide_model
 from torch.profiler import ProfilerActivity, profile
 
 from instructblip import InstructBlipForConditionalGeneration, ops
 
 FAMILIES = ["llama", "t5"]
-EOS = {"llama": 2, "t5": 1}
-IMAGE_TOKEN = 299
-QUERIES = 4
 
 
 def op_names(fn) -> set[str]:
@@ -72,58 +69,11 @@ def test_gradients_stay_on_the_differentiable_path():
     assert "mkldnn::_linear_pointwise" in op_names(lambda: ops.linear(frozen, w.detach()))
 
 
-def wide_model(family: str, directory):
-    """A transformers model with every projection at least MIN_WEIGHT elements, saved to `directory`."""
-    import transformers
-
-    vision = transformers.InstructBlipVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                                   num_attention_heads=4, image_size=64, patch_size=16)  # 17 rows
-    qformer = transformers.InstructBlipQFormerConfig(vocab_size=300, hidden_size=256, num_hidden_layers=2,
-                                                     num_attention_heads=4, intermediate_size=512,
-                                                     cross_attention_frequency=1, encoder_hidden_size=256,
-                                                     max_position_embeddings=64)
-    if family == "llama":
-        text = transformers.LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    else:
-        text = transformers.T5Config(vocab_size=300, d_model=256, d_kv=64, d_ff=512, num_layers=2,
-                                     num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-                                     dense_act_fn="gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                                     decoder_start_token_id=0)
-    config = transformers.InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                                             text_config=text.to_dict(), num_query_tokens=QUERIES,
-                                             image_token_index=IMAGE_TOKEN)
-    torch.manual_seed(0)
-    theirs = transformers.InstructBlipForConditionalGeneration(config)
-    if family == "t5":
-        head = theirs.language_model.lm_head
-        head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
-    theirs = randomize(theirs).eval()
-    with torch.no_grad():  # randomize's 0.2 spread is for width 32; keep the wide model's activations in range
-        for name, p in theirs.named_parameters():
-            if p.dim() == 2 and p.shape[1] > 32 and not any(k in name for k in ("embed", "shared", "query_tokens")):
-                p.mul_(32 / p.shape[1])
-    theirs.save_pretrained(directory)
-    return theirs
-
-
-def inputs(family: str) -> dict:
-    g = torch.Generator().manual_seed(3)
-    B, L = 3, 6
-    ids = torch.randint(3, IMAGE_TOKEN, (B, L), generator=g)
-    ids = torch.cat([torch.full((B, QUERIES), IMAGE_TOKEN), ids], 1)
-    return dict(pixel_values=torch.randn(B, 3, 64, 64, generator=g),
-                qformer_input_ids=torch.randint(1, 300, (B, 6), generator=g),
-                qformer_attention_mask=torch.ones(B, 6, dtype=torch.long),
-                input_ids=ids, attention_mask=torch.ones_like(ids))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_routes_give_the_same_tokens(family, tmp_path, monkeypatch):
     theirs = wide_model(family, tmp_path)
     ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path)
-    x = inputs(family)
+    x = wide_inputs()
     with torch.no_grad():
         names = op_names(lambda: ours.generate(**x, max_new_tokens=12))
         assert "mkldnn::_linear_pointwise" in names  # image encoding, Q-Former and prefill took the oneDNN route

@@ -194,4 +194,4 @@ class Llama(nn.Module):
         return mask
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return linear(hidden, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
+        return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.embed_tokens.weight)

@@ -46,6 +46,13 @@ class InstructBlipModel(nn.Module):
         else:
             self.language_model = Llama(text, lm_head=self.has_lm_head)
         self.vision_cache: VisionCache | None = None
+        self.quantized: str | None = None  # "int8" after quantize_int8()
+
+    def quantize_int8(self):
+        """int8 dynamic quantization of the language model for CPU float32 inference, in place (see quantize.py)."""
+        from .quantize import quantize_int8
+
+        return quantize_int8(self)
 
     def enable_vision_cache(self, max_images: int = 64) -> None:
         """Keep the vision encoder's output for the last `max_images` images (keyed by their pixel values), so that
@@ -69,6 +76,9 @@ class InstructBlipModel(nn.Module):
 
         if not safe_serialization:
             raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
+        if self.quantized:
+            raise ValueError(f"this model is {self.quantized}-quantized, for inference only; save the float32 model "
+                             "and quantize it after loading")
         save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     # ---- small conveniences ----

@@ -147,11 +147,26 @@ class InstructBlip:
 
 
 def load(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
-         dtype: str | torch.dtype | None = "auto", vision_cache_size: int = 64) -> InstructBlip:
-    """Load a model directory or hub id (None: the default model shipped with the package)."""
+         dtype: str | torch.dtype | None = "auto", vision_cache_size: int = 64,
+         quantize: str | None = None) -> InstructBlip:
+    """Load a model directory or hub id (None: the default model shipped with the package).
+
+    quantize="int8": int8 dynamic quantization of the language model for CPU inference (quantize.py); with
+    device="auto" it picks the CPU, and it needs float32 ("auto" on the CPU)."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; use int8 (CPU inference) or leave it out")
     path = default_model_dir() if model is None else model
+    if quantize:
+        if device not in (None, "auto") and torch.device(device).type != "cpu":
+            raise ValueError(f"--quantize int8 runs on the CPU only, not {torch.device(device).type}; use --device "
+                             "cpu, or drop --quantize on a GPU (bf16 is the fast path there)")
+        device = "cpu"
     device = resolve_device(device)
+    if quantize and resolve_dtype(dtype, device) != torch.float32:
+        raise ValueError(f"--quantize int8 needs float32 weights to quantize from, not {dtype}; use --dtype float32")
     weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, device),
                                                                    device=device)
+    if quantize:
+        weights.quantize_int8()
     processor = InstructBlipProcessor.from_pretrained(path)
     return InstructBlip(weights, processor, vision_cache_size=vision_cache_size)

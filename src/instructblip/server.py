@@ -1029,6 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model shipped inside)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 dynamic quantization of the LLM, for CPU inference")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
@@ -1101,7 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
         log.warning(warning)
-    vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size)
+    vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size,
+               quantize=args.quantize)
     app = create_app(vlm, config)
     log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,

@@ -117,7 +117,9 @@ class T5FeedForward(nn.Module):
         else:
             h = self.act(self.wi(x))
         h = F.dropout(h, self.dropout, self.training)
-        return self.wo(h.to(self.wo.weight.dtype))
+        if isinstance(self.wo, nn.Linear):  # (an int8 layer of quantize.py takes float32 as it is)
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -277,8 +279,7 @@ class T5(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model**-0.5
-        weight = self.lm_head.weight if self.lm_head is not None else self.shared.weight
-        return linear(hidden, weight)
+        return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.shared.weight)
 
     def shift_right(self, labels: Tensor) -> Tensor:
         """Decoder inputs for teacher forcing: [decoder_start, labels[:-1]], with -100 replaced by pad."""
