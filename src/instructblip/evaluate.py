@@ -196,7 +196,8 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
              split: str | None = None, limit: int | None = None, output_dir: str | os.PathLike | None = None,
              batch_size: int = DEFAULT_BATCH_SIZE, mode: str | None = None, prompt: str | None = None,
              device: str = "auto", dtype: str = "auto", rank_batch_size: int | None = DEFAULT_RANK_BATCH_SIZE,
-             model_name: str | None = None, progress: bool = True, samples: list[Sample] | None = None) -> dict:
+             model_name: str | None = None, progress: bool = True, samples: list[Sample] | None = None,
+             quantize: str | None = None) -> dict:
     """Run one benchmark zero-shot and score it; returns the results dict (on every rank under torchrun).
 
     `model`: an `InstructBlip` (from `instructblip.load`), or a directory / hub id to load (None: the default
@@ -204,6 +205,7 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
     where predictions and results go (None: nothing written, no resuming). `mode`: "generate" or "rank" where the
     benchmark supports both; `prompt`: the easy-vqa instruction template. `rank_batch_size`: (sample, candidate)
     rows per forward when ranking. `samples`: the split's samples if already loaded (`benchmark.load`).
+    `quantize`: "int8" to quantize the LLM when loading (CPU; see quantize.py).
     """
     from .pipeline import InstructBlip, load
 
@@ -233,7 +235,7 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
     else:
         if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        vlm = load(model, device=device, dtype=dtype)
+        vlm = load(model, device=device, dtype=dtype, quantize=quantize)
         model_name = model_name or (str(model) if model is not None else "default model")
     is_t5 = vlm.model.config.text_config.is_encoder_decoder
     settings = {
@@ -243,6 +245,8 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
         "num_query_tokens": vlm.model.config.num_query_tokens,
         "dtype": str(vlm.model.dtype).removeprefix("torch."),
     }
+    if vlm.model.quantized:  # part of the settings a resumed run must share
+        settings["quantized"] = vlm.model.quantized
     run = {"benchmark": bench.name, "split": split, "model": model_name, "settings": settings}
 
     stem = f"{bench.name}_{split}" + ("" if bench.mode == type(bench).mode else f"_{bench.mode}")
@@ -365,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 dynamic quantization of the LLM, for CPU inference")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -433,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model_name = args.model or "default model"
-    vlm = load(args.model, device=device, dtype=args.dtype)
+    vlm = load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
     scores: dict[str, float | None] = {}
     try:
         for bench, samples in jobs:
