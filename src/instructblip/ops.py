@@ -8,8 +8,9 @@ Two routes beat `F.linear` (MKL's sgemm) on this machine's AMD EPYC, with the sa
   reaches (LM head 3.5 ms against 1.2 ms; the four layers of a 45M LLaMA, weights not in cache: 3.1 ms against 1.5 ms).
 - **More rows (image encoding, the Q-Former, prompt prefill), when no gradient is needed.** oneDNN's matmul
   (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls; it reads the ordinary dense
-  weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows 1.1-1.45x faster than MKL, and 1.3-2x at
-  32-128 rows (`benchmarks/gemm_routes.py` prints the comparison). It has no backward, so anything that needs a
+  weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows up to 1.7x faster than MKL (fc1 the most,
+  qkv and fc2 level to 1.45x across runs), and most shapes 1.3-2x at 32-128 rows (`benchmarks/gemm_routes.py` prints
+  the comparison). It has no backward, so anything that needs a
   gradient through the product stays on `F.linear`; so does anything when `torch.backends.mkldnn.enabled` is False.
 
 Results equal `F.linear` up to float rounding (the sums are taken in another order). Everything else (GPU, half
