@@ -90,7 +90,7 @@ def matmul_peak_gflops(window: float = 0.5, hold: float = 0.0) -> float:
     for m, k, n in ((2048, 2048, 2048), (257, 1408, 6144)):
         x, w = torch.randn(m, k), torch.randn(n, k)
         gemms = [partial(F.linear, x, w)]
-        if ops._ONEDNN:
+        if ops.HAS_ONEDNN:
             gemms.append(partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "none", [], ""))
         for gemm in gemms:
             rate = _sustained(gemm, 2 * m * k * n, window)

@@ -17,6 +17,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from instructblip import ops
+
 SHAPES = [  # (in, out): ViT-g qkv, fc1, fc2, proj; Q-Former cross k|v, fc1, fc2; small LLaMA qkv and LM head
     (1408, 4224), (1408, 6144), (6144, 1408), (1408, 1408), (1408, 1536), (768, 3072), (3072, 768), (512, 1536),
     (512, 32000),
@@ -40,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+    if not ops.HAS_ONEDNN:
         raise SystemExit("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.reps}, fp32\n")
     print("| in x out | rows | F.linear | W @ x^T | oneDNN | oneDNN GFLOP/s | oneDNN speed-up |")

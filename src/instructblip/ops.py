@@ -10,8 +10,8 @@ Two routes beat `F.linear` (MKL's sgemm) on this machine's AMD EPYC, with the sa
   (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls; it reads the ordinary dense
   weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows up to 1.7x faster than MKL (fc1 the most,
   qkv and fc2 level to 1.45x across runs), and most shapes 1.3-2x at 32-128 rows (`benchmarks/gemm_routes.py` prints
-  the comparison). It has no backward, so anything that needs a
-  gradient through the product stays on `F.linear`; so does anything when `torch.backends.mkldnn.enabled` is False.
+  the comparison). It has no backward, so anything that needs a gradient through the product stays on `F.linear`;
+  so does anything when `torch.backends.mkldnn.enabled` is False.
 
 Results equal `F.linear` up to float rounding (the sums are taken in another order). Everything else (GPU, half
 precision, tiny weights) goes to `F.linear`.
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 MAX_ROWS = 16
 MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache and the plain path is as fast
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -38,7 +38,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             or weight.numel() < MIN_WEIGHT):
         return F.linear(x, weight, bias)
     if rows > MAX_ROWS:
-        if _ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias):
+        if HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])

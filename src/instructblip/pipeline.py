@@ -162,10 +162,10 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
                              "cpu, or drop --quantize on a GPU (bf16 is the fast path there)")
         device = "cpu"
     device = resolve_device(device)
-    if quantize and resolve_dtype(dtype, device) != torch.float32:
+    torch_dtype = resolve_dtype(dtype, device)
+    if quantize and torch_dtype != torch.float32:
         raise ValueError(f"--quantize int8 needs float32 weights to quantize from, not {dtype}; use --dtype float32")
-    weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, device),
-                                                                   device=device)
+    weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device)
     if quantize:
         weights.quantize_int8()
     processor = InstructBlipProcessor.from_pretrained(path)

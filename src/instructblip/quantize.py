@@ -22,7 +22,10 @@ _ENGINES = ("x86", "fbgemm")
 
 
 def available() -> bool:
-    return any(e in torch.backends.quantized.supported_engines for e in _ENGINES)
+    """Whether this torch has the fbgemm engine and the dynamic int8 linear ops used here."""
+    ops = torch.ops.quantized
+    return (any(e in torch.backends.quantized.supported_engines for e in _ENGINES)
+            and hasattr(ops, "linear_prepack") and hasattr(ops, "linear_dynamic"))
 
 
 class Int8Linear(nn.Module):
