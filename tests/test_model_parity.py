@@ -136,6 +136,38 @@ def test_interpolate_pos_encoding_matches(hf_checkpoints):
         ours.vision_model(pixels)
 
 
+def test_vision_chunks_on_cpu_match_transformers(hf_checkpoints, monkeypatch):
+    """On CPU a batch runs through the vision blocks a few images at a time (vision.CPU_CHUNK_ROWS): the same last
+    state and hidden states as transformers' whole-batch pass, and the same gradients as our whole-batch pass."""
+    from instructblip import vision
+
+    theirs, directory = hf_checkpoints["t5"]
+    ours = InstructBlipForConditionalGeneration.from_pretrained(directory)
+    size = ours.config.vision_config.image_size
+    pixels = torch.randn(5, 3, size, size)
+    tokens = ours.vision_model.position_embedding.shape[1]
+    calls = []
+    ours.vision_model.layers[0].register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(vision, "CPU_CHUNK_ROWS", 2 * tokens)  # two images per pass
+    with torch.no_grad():
+        t = theirs.vision_model(pixels, output_hidden_states=True)
+        o = ours.vision_model(pixels, output_hidden_states=True)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(o.last_hidden_state, t.last_hidden_state, atol=ATOL, rtol=0)
+    assert len(o.hidden_states) == len(t.hidden_states)
+    for a, b in zip(o.hidden_states, t.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    grads = []
+    for chunk_rows in (2 * tokens, 1 << 30):  # chunked and whole-batch gradients
+        monkeypatch.setattr(vision, "CPU_CHUNK_ROWS", chunk_rows)
+        ours.vision_model.zero_grad()
+        x = pixels.clone().requires_grad_(True)
+        ours.vision_model(x).last_hidden_state.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in ours.vision_model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_checkpointing_gives_same_gradients(hf_checkpoints):
     _, directory = hf_checkpoints["llama"]
     inputs = make_inputs("llama")

@@ -88,3 +88,52 @@ def test_fast_routes_give_the_same_tokens(family, tmp_path, monkeypatch):
     hf = hf[:, x["input_ids"].shape[1]:] if family == "llama" else hf[:, 1:]
     n = min(hf.shape[1], fast.shape[1])
     assert torch.equal(fast[:, :n], hf[:, :n]), (fast.tolist(), hf.tolist())
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_linear_adds_the_residual_on_every_route(rows):
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(2, rows, 300, generator=g), torch.randn(500, 300, generator=g), torch.randn(500, generator=g)
+    r = torch.randn(2, rows, 500, generator=g)
+    expected = F.linear(x, w, b) + r
+    with torch.no_grad():
+        if rows * 2 > ops.MAX_ROWS:  # the oneDNN route fuses the addition into the product
+            names = op_names(lambda: ops.linear(x, w, b, r))
+            assert "mkldnn::_linear_pointwise" in names and "aten::add" not in names
+        torch.testing.assert_close(ops.linear(x, w, b, r), expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ops.linear(x, w, None, r), F.linear(x, w) + r, rtol=1e-5, atol=1e-4)
+        rt = r.transpose(0, 1).contiguous().transpose(0, 1)  # a strided residual
+        torch.testing.assert_close(ops.linear(x, w, b, rt), expected, rtol=1e-5, atol=1e-4)
+        bias_like = torch.randn(500, generator=g)  # broadcast residuals take the unfused addition
+        torch.testing.assert_close(ops.linear(x, w, b, bias_like), F.linear(x, w, b) + bias_like, rtol=1e-5, atol=1e-4)
+        with torch.backends.mkldnn.flags(enabled=False):
+            torch.testing.assert_close(ops.linear(x, w, b, r), expected, rtol=1e-5, atol=1e-4)
+    # with gradients: through F.linear and an ordinary addition, gradients reach the residual
+    x.requires_grad_(True), r.requires_grad_(True)
+    gx, gr = torch.autograd.grad(ops.linear(x, w, b, r).square().sum(), (x, r))
+    tx, tr = torch.autograd.grad((F.linear(x, w, b) + r).square().sum(), (x, r))
+    torch.testing.assert_close(gx, tx, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gr, tr, rtol=1e-4, atol=1e-3)
+
+
+def test_gelu_in_place_only_without_gradients():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 100, generator=g)
+    expected = F.gelu(x)
+    with torch.no_grad():
+        tmp = x.clone()
+        out = ops.gelu(tmp)
+        assert out.data_ptr() == tmp.data_ptr() and torch.equal(out, expected)  # in place
+    with torch.inference_mode():
+        tmp = x.clone()
+        assert ops.gelu(tmp).data_ptr() == tmp.data_ptr()
+        made_in_inference = x.clone()
+    assert torch.equal(ops.gelu(made_in_inference), expected)  # an inference tensor outside: a new tensor, no error
+    leaf = x.clone().requires_grad_(True)
+    y = leaf * 1.0
+    out = ops.gelu(y)
+    assert out.data_ptr() != y.data_ptr() and torch.equal(y, x)  # the input is kept for the backward
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    (expected_grad,) = torch.autograd.grad(F.gelu(leaf).sum(), leaf)
+    torch.testing.assert_close(grad, expected_grad)

@@ -15,6 +15,10 @@ Two routes beat `F.linear` (MKL's sgemm) on this machine's AMD EPYC, with the sa
 
 Results equal `F.linear` up to float rounding (the sums are taken in another order). Everything else (GPU, half
 precision, tiny weights) goes to `F.linear`.
+
+`linear(..., residual=r)` adds a residual of the output's shape; on the oneDNN route the addition is fused into the
+GEMM (`_linear_pointwise.binary`, one pass less over the output). `gelu` works in place on a temporary when no
+gradient is needed (no second activation-sized buffer).
 """
 
 from __future__ import annotations
@@ -32,15 +36,19 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """x @ weight^T + bias, plus `residual` (a tensor of the output's shape) when given."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
-        return F.linear(x, weight, bias)
+        return _add(F.linear(x, weight, bias), residual)
     if rows > MAX_ROWS:
-        if HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
+        if HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias, residual):
+            if residual is None:
+                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            if residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        return _add(F.linear(x, weight, bias), residual)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
         out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1].t()  # (1, out)
@@ -48,11 +56,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = torch.mm(weight, flat.t()).t()  # (out, rows) -> (rows, out)
     if bias is not None:
         out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
+
+
+def _add(out: Tensor, residual: Tensor | None) -> Tensor:
+    return out if residual is None else out + residual
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact GELU. Overwrites x when no gradient is needed: pass only a temporary (a layer's fresh output)."""
+    if _needs_grad(x) or (x.is_inference() and not torch.is_inference_mode_enabled()):
+        return F.gelu(x)
+    return torch.ops.aten.gelu_(x)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose forward uses `linear` above."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return linear(x, self.weight, self.bias, residual)
