@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from .config import InstructBlipQFormerConfig
 from .ops import Linear
 from .outputs import EncoderOutput
@@ -39,7 +40,7 @@ class FeedForward(nn.Module):
         self.dropout = config.hidden_dropout_prob
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.dropout(self.fc2(F.gelu(self.fc1(x))), self.dropout, self.training)
+        h = F.dropout(self.fc2(ops.gelu(self.fc1(x))), self.dropout, self.training)
         return self.norm(h + x)
 
 
