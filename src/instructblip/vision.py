@@ -19,6 +19,10 @@ from .outputs import EncoderOutput
 CPU_CHUNK_ROWS = 512  # rows (images x tokens) per pass through the blocks on CPU; see forward
 
 
+def _join(chunks: tuple[Tensor, ...]) -> Tensor:
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: InstructBlipVisionConfig):
         super().__init__()
@@ -122,11 +126,9 @@ class InstructBlipVisionModel(nn.Module):
         # would map and zero-fill them afresh in every block; per image they are 6 MB and reuse the heap, and the GEMMs
         # run as fast at 257 rows as at 2056. The images do not interact, so the result is the same.
         step = max(1, CPU_CHUNK_ROWS // x.shape[1]) if x.device.type == "cpu" else x.shape[0]
-        chunks = [self.blocks(c, output_hidden_states) for c in x.split(step)]
-        x = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = [h[0] if len(h) == 1 else torch.cat(h) for h in zip(*(c[1] for c in chunks), strict=True)]
+        outs, states = zip(*(self.blocks(c, output_hidden_states) for c in x.split(step)), strict=True)
+        x = _join(outs)
+        hidden_states = [_join(h) for h in zip(*states, strict=True)] if output_hidden_states else None
         x = self.post_layernorm(x)
         return EncoderOutput(
             last_hidden_state=x,
