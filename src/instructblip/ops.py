@@ -51,9 +51,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
         return _add(F.linear(x, weight, bias), residual)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
-        out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1].t()  # (1, out)
+        out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1]  # (out, 1)
     else:
-        out = torch.mm(weight, flat.t()).t()  # (out, rows) -> (rows, out)
+        out = torch.mm(weight, flat.t())  # (out, rows)
+    # (out, rows) -> a contiguous (rows, out): SDPA's flash kernel wants unit stride in the last dimension (T5's q goes
+    # there straight), as do the elementwise ops after; the copy is rows * out floats against out * in read
+    out = out.t().contiguous()
     if bias is not None:
         out = out + bias
     return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
