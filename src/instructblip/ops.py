@@ -6,6 +6,8 @@ Two routes beat `F.linear` (MKL's sgemm) on this machine's AMD EPYC, with the sa
   computed as `(W @ x^T)^T` (measured: LM head 32000x512, 5 rows: 5.7 ms against 1.9 ms), and a single row faster
   still when padded to two: MKL's row-major GEMV reads the weight at about half the memory bandwidth its 2-column GEMM
   reaches (LM head 3.5 ms against 1.2 ms; the four layers of a 45M LLaMA, weights not in cache: 3.1 ms against 1.5 ms).
+  The (out, rows) product is copied to a contiguous (rows, out) (`rows * out` floats): a strided last dimension
+  sends SDPA to its math path and slows the elementwise ops after it.
 - **More rows (image encoding, the Q-Former, prompt prefill), when no gradient is needed.** oneDNN's matmul
   (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls; it reads the ordinary dense
   weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows up to 1.7x faster than MKL (fc1 the most,
