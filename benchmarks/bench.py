@@ -23,6 +23,7 @@ the image rows, the matmul rate held for 5 s right before each repetition, since
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import platform
@@ -183,10 +184,10 @@ def build_pair(config_kwargs: dict, family: str, seed: int = 0):
             if not (("norm" in name.lower()) and name.endswith("weight")):
                 p.mul_(0.1)
     theirs.eval()
-    directory = tempfile.mkdtemp(prefix=f"ib-bench-{family}-")
-    theirs.save_pretrained(directory)
-    ours = instructblip.InstructBlipForConditionalGeneration.from_pretrained(directory)
-    return ours, theirs, directory
+    with tempfile.TemporaryDirectory(prefix=f"ib-bench-{family}-") as directory:  # up to 4.6 GB: not left behind
+        theirs.save_pretrained(directory)
+        ours = instructblip.InstructBlipForConditionalGeneration.from_pretrained(directory)
+    return ours, theirs
 
 
 def vit_g(image_size=224):
@@ -240,7 +241,7 @@ def lm_weight_bytes(model) -> int:
 
 
 def workload_a(reps: int, rows: list[Row], peak: float):
-    ours, theirs, _ = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
+    ours, theirs = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
                                       num_query_tokens=32, image_token_index=32100), "t5")
     vision_flops = 2 * sum(p.numel() for p in ours.vision_model.parameters()) * 257
     attn_flops = 39 * 2 * 2 * 257 * 257 * 1408
@@ -277,7 +278,7 @@ def _same_tokens(a, b) -> bool:
 
 
 def workload_bc(reps: int, rows: list[Row], bandwidth: float, only: set[str]):
-    ours, theirs, _ = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
+    ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
                                       text_config=llama_text(), num_query_tokens=32, image_token_index=31999), "llama")
     weights = lm_weight_bytes(ours)
     new = 64
@@ -316,12 +317,9 @@ def _agreement(model, x: dict, quantized: torch.Tensor, fp32: torch.Tensor) -> s
 def workload_q(reps: int, rows: list[Row]):
     """int8 (ours, --quantize int8) against transformers in float32, with the agreement of greedy outputs with our
     float32 model on the same inputs."""
-    ours, theirs, directory = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
-                                              text_config=llama_text(), num_query_tokens=32,
-                                              image_token_index=31999), "llama")
-    import instructblip
-
-    quantized = instructblip.InstructBlipForConditionalGeneration.from_pretrained(directory).quantize_int8()
+    ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True), text_config=llama_text(),
+                                   num_query_tokens=32, image_token_index=31999), "llama")
+    quantized = copy.deepcopy(ours).quantize_int8()
     new = 64
     common = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
     for batch in (1, 8):
@@ -336,7 +334,7 @@ def workload_q(reps: int, rows: list[Row]):
 
 
 def workload_d(reps: int, rows: list[Row], bandwidth: float):
-    ours, theirs, _ = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
+    ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
                                       text_config=t5_text(), num_query_tokens=32, image_token_index=32100), "t5")
     new = 64
     x = inputs_for(theirs.config, 1)
@@ -351,7 +349,7 @@ def workload_d(reps: int, rows: list[Row], bandwidth: float):
 
 
 def workload_e(reps: int, rows: list[Row], peak: float):
-    ours, theirs, _ = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
+    ours, theirs = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
                                       num_query_tokens=32, image_token_index=32100), "t5")
     ours.enable_vision_cache(8)
     questions = [inputs_for(theirs.config, 1, seed=s) for s in range(5)]
