@@ -242,7 +242,7 @@ def lm_weight_bytes(model) -> int:
 
 def workload_a(reps: int, rows: list[Row], peak: float):
     ours, theirs = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
-                                      num_query_tokens=32, image_token_index=32100), "t5")
+                                   num_query_tokens=32, image_token_index=32100), "t5")
     vision_flops = 2 * sum(p.numel() for p in ours.vision_model.parameters()) * 257
     attn_flops = 39 * 2 * 2 * 257 * 257 * 1408
     qformer_flops = 2 * sum(p.numel() for p in ours.qformer.parameters()) * 40 + 6 * 2 * 2 * 32 * 257 * 1408
@@ -279,7 +279,7 @@ def _same_tokens(a, b) -> bool:
 
 def workload_bc(reps: int, rows: list[Row], bandwidth: float, only: set[str]):
     ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
-                                      text_config=llama_text(), num_query_tokens=32, image_token_index=31999), "llama")
+                                   text_config=llama_text(), num_query_tokens=32, image_token_index=31999), "llama")
     weights = lm_weight_bytes(ours)
     new = 64
     common = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -335,7 +335,7 @@ def workload_q(reps: int, rows: list[Row]):
 
 def workload_d(reps: int, rows: list[Row], bandwidth: float):
     ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
-                                      text_config=t5_text(), num_query_tokens=32, image_token_index=32100), "t5")
+                                   text_config=t5_text(), num_query_tokens=32, image_token_index=32100), "t5")
     new = 64
     x = inputs_for(theirs.config, 1)
     run_o = lambda: ours.generate(**x, max_new_tokens=new, min_new_tokens=new)  # noqa: E731
@@ -350,7 +350,7 @@ def workload_d(reps: int, rows: list[Row], bandwidth: float):
 
 def workload_e(reps: int, rows: list[Row], peak: float):
     ours, theirs = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
-                                      num_query_tokens=32, image_token_index=32100), "t5")
+                                   num_query_tokens=32, image_token_index=32100), "t5")
     ours.enable_vision_cache(8)
     questions = [inputs_for(theirs.config, 1, seed=s) for s in range(5)]
     for q in questions:  # one image, five instructions

@@ -56,9 +56,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
         out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1]  # (out, 1)
     else:
         out = torch.mm(weight, flat.t())  # (out, rows)
-    # (out, rows) -> a contiguous (rows, out): SDPA's flash kernel wants unit stride in the last dimension (T5's q goes
-    # there straight), as do the elementwise ops after; the copy is rows * out floats against out * in read
-    out = out.t().contiguous()
+    out = out.t().contiguous()  # (rows, out), unit stride last: see the module docstring
     if bias is not None:
         out = out + bias
     return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
