@@ -166,14 +166,18 @@ def alternate(ours, theirs, reps: int, warmup: int = 1, probe=None):
 # Models (random weights, built by transformers, loaded by ours from transformers' files)
 
 
-def build_pair(config_kwargs: dict, family: str, seed: int = 0):
+def build_pair(family: str, vit_g_size: bool = False, seed: int = 0):
+    """The benchmark's model pair: the small LLaMA or T5 below, with the real ViT-g + Q-Former or a tiny vision side."""
     import transformers
     from hf_oracle import randomize
 
     import instructblip
 
     torch.manual_seed(seed)
-    config = transformers.InstructBlipConfig(**config_kwargs)
+    config = transformers.InstructBlipConfig(
+        vision_config=vit_g() if vit_g_size else small_vision(), qformer_config=qformer(small=not vit_g_size),
+        text_config=llama_text() if family == "llama" else t5_text(), num_query_tokens=32,
+        image_token_index=31999 if family == "llama" else 32100)
     theirs = transformers.InstructBlipForConditionalGeneration(config)
     if family == "t5":
         lm = theirs.language_model
@@ -241,8 +245,7 @@ def lm_weight_bytes(model) -> int:
 
 
 def workload_a(reps: int, rows: list[Row], peak: float):
-    ours, theirs = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
-                                   num_query_tokens=32, image_token_index=32100), "t5")
+    ours, theirs = build_pair("t5", vit_g_size=True)
     vision_flops = 2 * sum(p.numel() for p in ours.vision_model.parameters()) * 257
     attn_flops = 39 * 2 * 2 * 257 * 257 * 1408
     qformer_flops = 2 * sum(p.numel() for p in ours.qformer.parameters()) * 40 + 6 * 2 * 2 * 32 * 257 * 1408
@@ -278,8 +281,7 @@ def _same_tokens(a, b) -> bool:
 
 
 def workload_bc(reps: int, rows: list[Row], bandwidth: float, only: set[str]):
-    ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
-                                   text_config=llama_text(), num_query_tokens=32, image_token_index=31999), "llama")
+    ours, theirs = build_pair("llama")
     weights = lm_weight_bytes(ours)
     new = 64
     common = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -317,8 +319,7 @@ def _agreement(model, x: dict, quantized: torch.Tensor, fp32: torch.Tensor) -> s
 def workload_q(reps: int, rows: list[Row]):
     """int8 (ours, --quantize int8) against transformers in float32, with the agreement of greedy outputs with our
     float32 model on the same inputs."""
-    ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True), text_config=llama_text(),
-                                   num_query_tokens=32, image_token_index=31999), "llama")
+    ours, theirs = build_pair("llama")
     quantized = copy.deepcopy(ours).quantize_int8()
     new = 64
     common = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
@@ -334,8 +335,7 @@ def workload_q(reps: int, rows: list[Row]):
 
 
 def workload_d(reps: int, rows: list[Row], bandwidth: float):
-    ours, theirs = build_pair(dict(vision_config=small_vision(), qformer_config=qformer(True),
-                                   text_config=t5_text(), num_query_tokens=32, image_token_index=32100), "t5")
+    ours, theirs = build_pair("t5")
     new = 64
     x = inputs_for(theirs.config, 1)
     run_o = lambda: ours.generate(**x, max_new_tokens=new, min_new_tokens=new)  # noqa: E731
@@ -349,8 +349,7 @@ def workload_d(reps: int, rows: list[Row], bandwidth: float):
 
 
 def workload_e(reps: int, rows: list[Row], peak: float):
-    ours, theirs = build_pair(dict(vision_config=vit_g(), qformer_config=qformer(), text_config=t5_text(),
-                                   num_query_tokens=32, image_token_index=32100), "t5")
+    ours, theirs = build_pair("t5", vit_g_size=True)
     ours.enable_vision_cache(8)
     questions = [inputs_for(theirs.config, 1, seed=s) for s in range(5)]
     for q in questions:  # one image, five instructions
