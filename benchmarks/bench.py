@@ -174,12 +174,13 @@ def build_pair(family: str, vit_g_size: bool = False, seed: int = 0):
     import instructblip
 
     torch.manual_seed(seed)
+    llama = family == "llama"
     config = transformers.InstructBlipConfig(
         vision_config=vit_g() if vit_g_size else small_vision(), qformer_config=qformer(small=not vit_g_size),
-        text_config=llama_text() if family == "llama" else t5_text(), num_query_tokens=32,
-        image_token_index=31999 if family == "llama" else 32100)
+        text_config=llama_text() if llama else t5_text(), num_query_tokens=32,
+        image_token_index=31999 if llama else 32100)
     theirs = transformers.InstructBlipForConditionalGeneration(config)
-    if family == "t5":
+    if not llama:
         lm = theirs.language_model
         lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.lm_head.weight))
     randomize(theirs, seed)
