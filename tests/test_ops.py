@@ -2,7 +2,8 @@
 
 The tiny models of the other tests have weights below `ops.MIN_WEIGHT`, so they never take these routes; the models
 here are just wide enough (256) that every projection does: more than 16 rows go to oneDNN, decoding's few rows to
-the transposed product.
+the transposed product or, on an AVX-512 CPU, to oneDNN too. The `few_rows` fixture runs a test with each choice,
+whatever the CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from torch.profiler import ProfilerActivity, profile
 from instructblip import InstructBlipForConditionalGeneration, ops
 
 FAMILIES = ["llama", "t5"]
+ROUTES = {"mkl": frozenset(range(1, ops.MAX_ROWS + 1)), "avx512": frozenset({2})}  # ops.MKL_FEW_ROWS per CPU
+
+
+@pytest.fixture(params=sorted(ROUTES))
+def few_rows(request, monkeypatch) -> frozenset:
+    """The row counts that take MKL's transposed product in this test (the others take oneDNN)."""
+    monkeypatch.setattr(ops, "MKL_FEW_ROWS", ROUTES[request.param])
+    return ROUTES[request.param]
 
 
 def op_names(fn) -> set[str]:
@@ -26,7 +35,7 @@ def op_names(fn) -> set[str]:
 
 @pytest.mark.parametrize("shape", [(1, 300), (2, 300), (16, 300), (17, 300), (3, 40, 300), (257, 300)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_equals_f_linear(shape, bias):
+def test_linear_equals_f_linear(shape, bias, few_rows):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(*shape, generator=g), torch.randn(500, 300, generator=g) / 300**0.5
     b = torch.randn(500, generator=g) if bias else None
@@ -40,20 +49,25 @@ def test_linear_equals_f_linear(shape, bias):
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # printed by torch.backends.mkldnn.flags
-def test_routes_taken_and_left():
+def test_routes_taken_and_left(few_rows):
     x, w = torch.randn(64, 300), torch.randn(500, 300)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in op_names(lambda: ops.linear(x, w))
         with torch.backends.mkldnn.flags(enabled=False):  # the user's switch turns the route off
-            names = op_names(lambda: ops.linear(x, w))
-            assert "mkldnn::_linear_pointwise" not in names and "aten::linear" in names
-        assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x[:3], w))  # few rows: mm
+            for rows in (64, 3):
+                names = op_names(lambda r=rows: ops.linear(x[:r], w))
+                assert "mkldnn::_linear_pointwise" not in names
+            assert "aten::linear" in op_names(lambda: ops.linear(x, w))
+        for rows in (1, 2, 3, 5, 16):  # few rows: MKL's transposed product (mm) or oneDNN, as MKL_FEW_ROWS says
+            names = op_names(lambda r=rows: ops.linear(x[:r], w))
+            assert ("mkldnn::_linear_pointwise" not in names) == (rows in few_rows), rows
+            assert ("aten::mm" in names) == (rows in few_rows), rows
         small = torch.randn(50, 300)  # below MIN_WEIGHT: the plain path
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x, small))
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x.double(), w.double()))
 
 
-def test_gradients_stay_on_the_differentiable_path():
+def test_gradients_stay_on_the_differentiable_path(few_rows):
     """oneDNN's op has no backward: with a gradient to compute, the product goes through F.linear."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(500, 300, generator=g, requires_grad=True)
@@ -70,7 +84,7 @@ def test_gradients_stay_on_the_differentiable_path():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_routes_give_the_same_tokens(family, tmp_path, monkeypatch):
+def test_fast_routes_give_the_same_tokens(family, few_rows, tmp_path, monkeypatch):
     theirs = wide_model(family, tmp_path)
     ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path)
     x = wide_inputs()
@@ -95,13 +109,13 @@ def test_fast_routes_give_the_same_tokens(family, tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_linear_adds_the_residual_on_every_route(rows):
+def test_linear_adds_the_residual_on_every_route(rows, few_rows):
     g = torch.Generator().manual_seed(2)
     x, w, b = torch.randn(2, rows, 300, generator=g), torch.randn(500, 300, generator=g), torch.randn(500, generator=g)
     r = torch.randn(2, rows, 500, generator=g)
     expected = F.linear(x, w, b) + r
     with torch.no_grad():
-        if rows * 2 > ops.MAX_ROWS:  # the oneDNN route fuses the addition into the product
+        if rows * 2 not in few_rows:  # the oneDNN route fuses the addition into the product
             names = op_names(lambda: ops.linear(x, w, b, r))
             assert "mkldnn::_linear_pointwise" in names and "aten::add" not in names
         torch.testing.assert_close(ops.linear(x, w, b, r), expected, rtol=1e-5, atol=1e-4)

@@ -1,13 +1,18 @@
 """A faster linear layer for fp32 inference on CPU.
 
-Two routes beat `F.linear` (MKL's sgemm) on this machine's AMD EPYC, with the same weights in the same layout:
+Two routes beat `F.linear` (MKL's sgemm) on the AMD EPYCs this was measured on, with the same weights in the same
+layout:
 
 - **Few rows (1-16: decoding, beams).** MKL runs `x @ W^T` for a (out, in) weight 1.5-3x slower than the same product
-  computed as `(W @ x^T)^T` (measured: LM head 32000x512, 5 rows: 5.7 ms against 1.9 ms), and a single row faster
-  still when padded to two: MKL's row-major GEMV reads the weight at about half the memory bandwidth its 2-column GEMM
-  reaches (LM head 3.5 ms against 1.2 ms; the four layers of a 45M LLaMA, weights not in cache: 3.1 ms against 1.5 ms).
-  The (out, rows) product is copied to a contiguous (rows, out) (`rows * out` floats): a strided last dimension
-  sends SDPA to its math path and slows the elementwise ops after it.
+  computed as `(W @ x^T)^T` (measured on a Zen 3, AVX2: LM head 32000x512, 5 rows: 5.7 ms against 1.9 ms), and a
+  single row faster still when padded to two: MKL's row-major GEMV reads the weight at about half the memory
+  bandwidth its 2-column GEMM reaches (LM head 3.5 ms against 1.2 ms; the four layers of a 45M LLaMA, weights not in
+  cache: 3.1 ms against 1.5 ms). The (out, rows) product is copied to a contiguous (rows, out) (`rows * out` floats):
+  a strided last dimension sends SDPA to its math path and slows the elementwise ops after it.
+  On a CPU with AVX-512 (measured on a Zen 5) oneDNN's matmul below, which uses AVX-512 where MKL on AMD keeps to
+  AVX2, is faster still at every few-row count but two (the 45M LLaMA's layers and LM head, weights not in cache:
+  1 row 1.08x, 5 rows 1.0-1.5x, 8-16 rows 1.3-2.3x; 2 rows 0.8x), so there `MKL_FEW_ROWS` is only {2}. Its output
+  is contiguous already.
 - **More rows (image encoding, the Q-Former, prompt prefill), when no gradient is needed.** oneDNN's matmul
   (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls; it reads the ordinary dense
   weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows up to 1.7x faster than MKL (fc1 the most,
@@ -32,6 +37,9 @@ from torch import Tensor, nn
 MAX_ROWS = 16
 MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache and the plain path is as fast
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# row counts (1..MAX_ROWS) that take MKL's transposed product; the rest go to oneDNN (see the module docstring)
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+MKL_FEW_ROWS = frozenset({2} if AVX512 else range(1, MAX_ROWS + 1))
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -44,13 +52,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
         return _add(F.linear(x, weight, bias), residual)
-    if rows > MAX_ROWS:
+    if rows > MAX_ROWS or rows not in MKL_FEW_ROWS:
         if HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias, residual):
             if residual is None:
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
             if residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-        return _add(F.linear(x, weight, bias), residual)
+        if rows > MAX_ROWS:
+            return _add(F.linear(x, weight, bias), residual)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
         out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1]  # (out, 1)
