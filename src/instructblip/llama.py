@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)  # x * x: one cheap op, pow(x, 2)'s result
         return self.weight * x.to(dtype)
 
 
@@ -64,11 +64,11 @@ class KVCache:
 
 
 def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B, 1, T, head_dim) for the given positions (B, T); computed in fp32."""
+    """cos, sin of shape (B, T, 1, head_dim) for the given positions (B, T); computed in fp32."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
     freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # (B, T, 1, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -87,17 +87,17 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        H, H_kv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x).view(B, T, H + 2 * H_kv, self.head_dim)  # (B, T, H + 2 H_kv, hd)
+        qk = _rotate(qkv[:, :, :H + H_kv], cos, sin)  # q and k rotated in one pass: (B, T, H + H_kv, hd)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, H_kv, T, hd)
+        v = qkv[:, :, H + H_kv:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, S, hd)
         out = F.scaled_dot_product_attention(
