@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from instructblip import InstructBlipForConditionalGeneration
 from instructblip.config import InstructBlipConfig
 from instructblip.generation import (
+    _topk_over_beams,
     apply_repetition_penalty,
     decode_step,
     default_eos_ids,
@@ -194,6 +195,15 @@ def test_beam_search_matches_transformers(pairs, family, num_beams, length_penal
     assert len(calls) == 1  # image features computed once, then copied per beam
     assert new.shape[0] == 3 * num_return_sequences
     assert_same_tokens(new, hf_new_tokens(theirs, family, inputs, **kwargs), eos)
+
+
+@pytest.mark.parametrize("shape, k", [((2, 5, 3000), 10), ((1, 3, 4), 6), ((3, 1, 50), 2)])
+def test_topk_over_beams_equals_one_topk(shape, k):
+    """The two-pass top-k of beam search picks what one topk over each item's K * V row picks (V < k included)."""
+    scores = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    values, index = _topk_over_beams(scores, k)
+    expected_values, expected_index = torch.topk(scores.view(shape[0], -1), k)
+    assert torch.equal(values, expected_values) and torch.equal(index, expected_index)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
