@@ -37,7 +37,7 @@ from torch import Tensor, nn
 MAX_ROWS = 16
 MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache and the plain path is as fast
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# row counts (1..MAX_ROWS) that take MKL's transposed product; the rest go to oneDNN (see the module docstring)
+# row counts (within 1..MAX_ROWS) that take MKL's transposed product; all others go to oneDNN (module docstring)
 AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 MKL_FEW_ROWS = frozenset({2} if AVX512 else range(1, MAX_ROWS + 1))
 
@@ -52,14 +52,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
         return _add(F.linear(x, weight, bias), residual)
-    if rows > MAX_ROWS or rows not in MKL_FEW_ROWS:
-        if HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias, residual):
-            if residual is None:
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-            if residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-        if rows > MAX_ROWS:
-            return _add(F.linear(x, weight, bias), residual)
+    if (rows not in MKL_FEW_ROWS and HAS_ONEDNN and torch.backends.mkldnn.enabled
+            and not _needs_grad(x, weight, bias, residual)):
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    if rows > MAX_ROWS:
+        return _add(F.linear(x, weight, bias), residual)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
         out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1]  # (out, 1)
