@@ -2,7 +2,7 @@
 
 The tiny models of the other tests have weights below `ops.MIN_WEIGHT`, so they never take these routes; the models
 here are just wide enough (256) that every projection does: more than 16 rows go to oneDNN, decoding's few rows to
-the transposed product or, on an AVX-512 CPU, to oneDNN too. The `few_rows` fixture runs a test with each choice,
+the transposed product or, on some AVX-512 CPUs, to oneDNN too. The `few_rows` fixture runs a test with each choice,
 whatever the CPU.
 """
 
@@ -17,14 +17,29 @@ from torch.profiler import ProfilerActivity, profile
 from instructblip import InstructBlipForConditionalGeneration, ops
 
 FAMILIES = ["llama", "t5"]
-ROUTES = {"mkl": frozenset(range(1, ops.MAX_ROWS + 1)), "avx512": frozenset({2})}  # ops.MKL_FEW_ROWS per CPU
+EVERY = frozenset(range(1, ops.MAX_ROWS + 1))
+ROUTES = {"mkl": frozenset(), "zen4": frozenset(range(6, ops.MAX_ROWS + 1)), "zen5": EVERY - {2}}  # ONEDNN_FEW_ROWS
 
 
 @pytest.fixture(params=sorted(ROUTES))
 def few_rows(request, monkeypatch) -> frozenset:
     """The row counts that take MKL's transposed product in this test (the others take oneDNN)."""
-    monkeypatch.setattr(ops, "MKL_FEW_ROWS", ROUTES[request.param])
-    return ROUTES[request.param]
+    monkeypatch.setattr(ops, "ONEDNN_FEW_ROWS", ROUTES[request.param])
+    return EVERY - ROUTES[request.param]
+
+
+def test_few_rows_route_by_cpu_and_setting(monkeypatch):
+    assert ops.onednn_few_rows("auto", "AVX2", 26) == frozenset()
+    assert ops.onednn_few_rows("", "AVX512", 26) == EVERY - {2}  # Zen 5
+    assert ops.onednn_few_rows("auto", "AVX512", 25) == ROUTES["zen4"]  # Zen 4
+    assert ops.onednn_few_rows("auto", "AVX512", 0) == ROUTES["zen4"]  # not AMD
+    assert ops.onednn_few_rows(" MKL ", "AVX512", 26) == frozenset()
+    assert ops.onednn_few_rows("onednn", "AVX2", 0) == EVERY
+    with pytest.warns(UserWarning, match="INSTRUCTBLIP_FEW_ROWS='fast' is not a route; using auto"):
+        assert ops.onednn_few_rows("fast", "AVX512", 26) == EVERY - {2}
+    monkeypatch.setenv(ops.FEW_ROWS_ENV, "mkl")
+    assert ops.onednn_few_rows(capability="AVX512", family=26) == frozenset()
+    assert isinstance(ops.amd_cpu_family(), int)
 
 
 def op_names(fn) -> set[str]:
@@ -58,7 +73,7 @@ def test_routes_taken_and_left(few_rows):
                 names = op_names(lambda r=rows: ops.linear(x[:r], w))
                 assert "mkldnn::_linear_pointwise" not in names
             assert "aten::linear" in op_names(lambda: ops.linear(x, w))
-        for rows in (1, 2, 3, 5, 16):  # few rows: MKL's transposed product (mm) or oneDNN, as MKL_FEW_ROWS says
+        for rows in (1, 2, 3, 5, 16):  # few rows: MKL's transposed product (mm) or oneDNN, as ONEDNN_FEW_ROWS says
             names = op_names(lambda r=rows: ops.linear(x[:r], w))
             assert ("mkldnn::_linear_pointwise" not in names) == (rows in few_rows), rows
             assert ("aten::mm" in names) == (rows in few_rows), rows
