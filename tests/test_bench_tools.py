@@ -32,3 +32,18 @@ def test_peak_memory_sees_a_temporary_allocation(reset_peak, monkeypatch, tmp_pa
     with bench.PeakMemory() as small:
         pass
     assert small.rise < 32 * 2**20
+
+
+def test_peak_fraction_is_the_median_of_each_repetition_against_its_own_probe():
+    """A probe that a neighbour slowed would make the best pairing exceed 100%: the median pairing is reported, and
+    the verdict follows it."""
+    row = bench.Row("b  decode", ours=[1.0, 1.0, 2.0], theirs=[3.0, 3.0, 3.0], mem_ours=0, mem_theirs=0, work=4.0,
+                    unit="GB/s", target=1.8, peak_fraction=0.77, peaks=[5.0, 1.0, 4.0])  # pairs: 80%, 400%, 50%
+    line = bench.table([row], peak=100.0, bandwidth=100.0).splitlines()[-1]
+    assert "80% of the peak before each, median" in line and line.endswith("| PASS |")
+    row.peaks = [5.0, 1.0, 10.0]  # pairs: 80%, 400%, 20% -> median 80%
+    assert "80%" in bench.table([row], 100.0, 100.0)
+    row.peaks = [10.0, 1.0, 10.0]  # pairs: 40%, 400%, 20% -> median 40%: fails although the best pair is 400%
+    assert bench.table([row], 100.0, 100.0).splitlines()[-1].endswith("| FAIL |")
+    row.peaks = None  # one probe for the run: the best repetition against it
+    assert "4 GB/s (4% of peak)" in bench.table([row], 100.0, 100.0)
