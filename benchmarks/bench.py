@@ -414,12 +414,12 @@ def table(rows: list[Row], peak: float, bandwidth: float) -> str:
         achieved, verdicts, target = "", [], []
         if r.work is not None:  # at the best repetition, as the peaks are bests
             rate = r.work / min(r.ours)
-            top = peak if r.unit == "GFLOP/s" else bandwidth
-            fraction = rate / top
             if r.peaks:  # each repetition against the peak probed right before it (the host's speed drifts), and
                 # the median of those: the best pairing would reward a probe that a neighbour slowed (over 100%)
                 fraction = statistics.median([r.work / t / p for t, p in zip(r.ours, r.peaks, strict=True)])
-            of = "of the peak before each, median" if r.peaks else "of peak"
+                of = "of the peak before each, median"
+            else:
+                fraction, of = rate / (peak if r.unit == "GFLOP/s" else bandwidth), "of peak"
             achieved = f"{rate:.0f} {r.unit} ({fraction:.0%} {of})"
             if r.peak_fraction is not None:
                 verdicts.append(fraction >= r.peak_fraction)
