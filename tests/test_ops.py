@@ -8,6 +8,8 @@ whatever the CPU.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,8 +100,10 @@ def test_gradients_stay_on_the_differentiable_path(few_rows):
     assert "mkldnn::_linear_pointwise" in op_names(lambda: ops.linear(frozen, w.detach()))
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_routes_give_the_same_tokens(family, few_rows, tmp_path, monkeypatch):
+def test_fast_routes_give_the_same_tokens(family, pack, few_rows, tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "PACK", pack and ops.HAS_ONEDNN)
     theirs = wide_model(family, tmp_path)
     ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path)
     x = wide_inputs()
@@ -109,17 +113,144 @@ def test_fast_routes_give_the_same_tokens(family, few_rows, tmp_path, monkeypatc
         # the few-row route hands back contiguous outputs, so decoding's attention keeps SDPA's flash kernel (T5's q
         # goes from the projection straight into SDPA, which takes the slow math path for a strided last dimension)
         assert "aten::_scaled_dot_product_attention_math" not in names
+        linears = [m for m in ours.modules() if isinstance(m, ops.Linear) and m.weight.numel() >= ops.MIN_WEIGHT]
+        assert all(m.packed == ops.PACK for m in linears) and linears
         fast = ours.generate(**x, max_new_tokens=12)
+        beams = ours.generate(**x, max_new_tokens=12, num_beams=3)
         feats_fast = ours.get_image_features(*list(x.values())[:3]).pooler_output
+        monkeypatch.setattr(ops, "PACK", False)
+        ops.unpack(ours)
+        assert not any(m.packed for m in linears)
         monkeypatch.setattr(ops, "MIN_WEIGHT", 1 << 62)  # every product through F.linear
         plain = ours.generate(**x, max_new_tokens=12)
+        plain_beams = ours.generate(**x, max_new_tokens=12, num_beams=3)
         feats_plain = ours.get_image_features(*list(x.values())[:3]).pooler_output
         hf = theirs.generate(**x, max_new_tokens=12, do_sample=False)
     torch.testing.assert_close(feats_fast, feats_plain, rtol=1e-4, atol=1e-4)
-    assert torch.equal(fast, plain)
+    assert torch.equal(fast, plain) and torch.equal(beams, plain_beams)
     hf = hf[:, x["input_ids"].shape[1]:] if family == "llama" else hf[:, 1:]
     n = min(hf.shape[1], fast.shape[1])
     assert torch.equal(fast[:, :n], hf[:, :n]), (fast.tolist(), hf.tolist())
+
+
+def test_pack_setting_by_cpu_and_environment(monkeypatch):
+    assert ops.pack_weights("auto", "AVX2") is False
+    assert ops.pack_weights("", "AVX512") is ops.HAS_ONEDNN
+    assert ops.pack_weights(" OFF ", "AVX512") is False
+    assert ops.pack_weights("on", "AVX2") is ops.HAS_ONEDNN
+    with pytest.warns(UserWarning, match="INSTRUCTBLIP_PACK='yes' is not a setting; using auto"):
+        assert ops.pack_weights("yes", "AVX2") is False
+    monkeypatch.setenv(ops.PACK_ENV, "off")
+    assert ops.pack_weights(capability="AVX512") is False
+
+
+packing = pytest.mark.skipif(not ops.HAS_ONEDNN, reason="this torch build has no oneDNN: weights are never packed")
+
+
+@pytest.fixture
+def packed_layer(monkeypatch):
+    """A Linear wide enough to be packed, with packing on whatever the CPU; its plain weight and bias."""
+    monkeypatch.setattr(ops, "PACK", True)
+    torch.manual_seed(4)
+    layer = ops.Linear(300, 500)
+    return layer, layer.weight.detach().clone(), layer.bias.detach().clone()
+
+
+@packing
+def test_packing_swaps_the_weight_in_place_and_back(packed_layer):
+    layer, w, b = packed_layer
+    param = layer.weight
+    x = torch.randn(2, 5, 300)
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.packed and layer.weight is param and param.is_mkldnn  # same Parameter object, new contents
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    r = torch.randn(2, 5, 500)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x, residual=r), F.linear(x, w, b) + r, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(layer(x[0, 0]), F.linear(x[0, 0], w, b), rtol=1e-5, atol=1e-5)
+    state = layer.state_dict()
+    assert not state["weight"].is_mkldnn and torch.equal(state["weight"], w) and layer.packed  # a plain copy
+    # a gradient: the weight turns plain again, and training works on the same Parameter
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    xg = x.clone().requires_grad_(True)
+    layer(xg).square().sum().backward()
+    assert not layer.packed and layer.weight is param and param.grad is not None
+    wg = w.clone().requires_grad_(True)
+    F.linear(xg.detach(), wg, b).square().sum().backward()
+    torch.testing.assert_close(param.grad, wg.grad, rtol=1e-4, atol=1e-3)
+    optimizer.step()
+    with torch.no_grad():
+        layer(x)  # packs the updated weight
+    assert layer.packed
+    torch.testing.assert_close(layer.state_dict()["weight"], (w - 0.1 * wg.grad).detach(), rtol=1e-5, atol=1e-5)
+
+
+@packing
+def test_packed_layer_converts_copies_saves_and_loads(packed_layer, tmp_path):
+    layer, w, b = packed_layer
+    x = torch.randn(3, 300)
+    with torch.no_grad():
+        layer(x)
+    twin = copy.deepcopy(layer)
+    assert not twin.packed and not layer.packed and torch.equal(twin.weight, w)
+    with torch.no_grad():
+        layer(x)
+    torch.save(layer, tmp_path / "layer.pt")
+    again = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert torch.equal(again.weight, w)
+    with torch.no_grad():
+        layer(x)
+    layer.load_state_dict({"weight": w * 2, "bias": b})
+    assert not layer.packed and torch.equal(layer.weight, w * 2)
+    with torch.no_grad():
+        layer(x)
+        layer.double()  # .to() turns it plain first
+    assert layer.weight.dtype == torch.float64 and not layer.packed
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), F.linear(x.double(), w.double() * 2, b.double()))
+    assert not layer.packed  # float64 stays on the plain path
+
+
+@packing
+def test_a_weight_held_by_a_graph_stays_plain_until_released(packed_layer):
+    layer, w, b = packed_layer
+    x = torch.randn(3, 300)
+    graph = (layer.weight * 2).sum()  # the graph holds the weight: swapping it would poison its backward
+    with torch.no_grad():
+        out = layer(x)
+    assert not layer.packed
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    graph.backward()
+    assert torch.equal(layer.weight.grad, torch.full_like(w, 2.0))
+    del graph
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), out, rtol=1e-5, atol=1e-5)
+    assert layer.packed  # released: packed on the next call
+
+
+@packing
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_model_saves_plain_weights_that_transformers_loads(family, tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(ops, "PACK", True)
+    wide_model(family, tmp_path / "hf")
+    ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    x = wide_inputs()
+    with torch.no_grad():
+        before = ours.generate(**x, max_new_tokens=6)
+    assert any(m.packed for m in ours.modules() if isinstance(m, ops.Linear))
+    ours.save_pretrained(tmp_path / "ours")
+    assert not any(m.packed for m in ours.modules() if isinstance(m, ops.Linear))  # unpacked in place to save
+    theirs = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    reference = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    for (name, a), (_, b) in zip(theirs.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(ours.generate(**x, max_new_tokens=6), before)  # packs again, same tokens
+        ours.quantize_int8()  # quantizing reads the plain weights
+        assert ours.generate(**x, max_new_tokens=6).shape[0] == before.shape[0]
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")

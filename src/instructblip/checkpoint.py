@@ -25,6 +25,7 @@ from torch import Tensor
 from .config import CONFIG_NAME, ConfigError, InstructBlipConfig, LlamaConfig, T5Config
 from .files import write_json
 from .hub import resolve_checkpoint_dir
+from .ops import unpack
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -539,6 +540,7 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     limit = _parse_size(max_shard_size)
+    unpack(model)  # packed weights back to plain ones in place, not copied next to them
     state = hf_state_dict(model)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
