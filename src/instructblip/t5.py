@@ -122,6 +122,14 @@ class T5FeedForward(nn.Module):
         return self.wo(h)
 
 
+def _dropout(x: Tensor, p: float) -> Tensor:
+    return F.dropout(x, p, True)
+
+
+def _identity(x: Tensor, p: float) -> Tensor:  # dropout in eval mode, without the call into torch
+    return x
+
+
 def _clamp_fp16(x: Tensor) -> Tensor:
     """transformers' guard against fp16 overflow in T5 blocks."""
     if x.dtype == torch.float16:
@@ -146,11 +154,11 @@ class T5Block(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_bias: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        drop = self.dropout if self.training else 0.0
-        x = _clamp_fp16(x + F.dropout(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer), drop))
+        drop = _dropout if self.training and self.dropout > 0 else _identity
+        x = _clamp_fp16(x + drop(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer), self.dropout))
         if self.is_decoder:
-            x = _clamp_fp16(x + F.dropout(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv), drop))
-        return _clamp_fp16(x + F.dropout(self.ffn(self.ffn_norm(x)), drop))
+            x = _clamp_fp16(x + drop(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv), self.dropout))
+        return _clamp_fp16(x + drop(self.ffn(self.ffn_norm(x)), self.dropout))
 
 
 def _padding_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -158,6 +166,12 @@ def _padding_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if mask is None:
         return None
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def cross_attention_bias(memory_mask: Tensor | None, memory_length: int, device: torch.device) -> Tensor:
+    """(B or 1, 1, 1, S_mem) additive bias over the encoder positions."""
+    bias = _padding_bias(memory_mask, torch.float32)
+    return bias if bias is not None else torch.zeros(1, 1, 1, memory_length, device=device)
 
 
 class T5Stack(nn.Module):
@@ -170,6 +184,20 @@ class T5Stack(nn.Module):
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
         self.final_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+
+    def self_bias(self, attention_mask: Tensor | None, B: int, T: int, past: int, device: torch.device) -> Tensor:
+        """(B or 1, H, T, S) self-attention bias: relative positions, the causal mask (decoder), padding."""
+        S = past + T
+        bias = self.position_bias(T, S, past, device).float()
+        if self.is_decoder:
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)
+            bias = bias.masked_fill(~causal, torch.finfo(torch.float32).min)
+        padding = _padding_bias(attention_mask, torch.float32)
+        if padding is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, S)}")
+            bias = bias + padding
+        return bias
 
     def position_bias(self, query_length: int, key_length: int, past: int, device: torch.device) -> Tensor:
         """(1, H, T, S) relative position bias for queries past..past+T-1 over keys 0..S-1."""
@@ -185,27 +213,17 @@ class T5Stack(nn.Module):
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, memory: Tensor | None = None,
                 memory_mask: Tensor | None = None, cross_kv: list[tuple[Tensor, Tensor]] | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, bias: Tensor | None = None, cross_bias: Tensor | None = None) -> Tensor:
+        """`bias` and `cross_bias` may come precomputed (a decoding step: `T5Cache.step_biases`)."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        S = past + T
-        bias = self.position_bias(T, S, past, x.device).float()
-        if self.is_decoder:
-            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
-            bias = bias.masked_fill(~causal, torch.finfo(torch.float32).min)
-        padding = _padding_bias(attention_mask, torch.float32)
-        if padding is not None:
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, S)}")
-            bias = bias + padding
-        cross_bias = None
+        if bias is None:
+            bias = self.self_bias(attention_mask, B, T, past, x.device)
         if self.is_decoder:
             if cross_kv is None:
                 cross_kv = [layer.cross.project_kv(memory) for layer in self.layers]
-            S_mem = cross_kv[0][0].shape[2]
-            cross_bias = _padding_bias(memory_mask, torch.float32)
             if cross_bias is None:
-                cross_bias = torch.zeros(1, 1, 1, S_mem, device=x.device)
+                cross_bias = cross_attention_bias(memory_mask, cross_kv[0][0].shape[2], x.device)
         for i, layer in enumerate(self.layers):
             kv = cross_kv[i] if cross_kv is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -223,6 +241,22 @@ class T5Cache:
     def __init__(self, self_attention: KVCache, cross_kv: list[tuple[Tensor, Tensor]]):
         self.self_attention = self_attention
         self.cross_kv = cross_kv
+        self._distance_bias: Tensor | None = None  # (1, H, 1, max_length): see step_biases
+        self._cross_bias: tuple[Tensor | None, Tensor] | None = None  # (the mask it was made from, the bias)
+
+    def step_biases(self, decoder: T5Stack, encoder_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The biases of a one-token decoding step, sliced from tensors made once per generation instead of
+        rebuilt at every step (about 25 small ops). The relative-position bias of a query at position p over keys
+        0..p depends on p - key only, so one row made for the last position, (1, H, 1, L), holds every step's:
+        its last p + 1 entries. No causal mask is needed: a step's query sees every filled position."""
+        L, p = self.self_attention.max_length, self.self_attention.length
+        if self._distance_bias is None:
+            device = self.self_attention.keys[0].device
+            self._distance_bias = decoder.position_bias(1, L, L - 1, device).float()
+        if self._cross_bias is None or self._cross_bias[0] is not encoder_mask:  # a new mask (expanded for beams)
+            bias = cross_attention_bias(encoder_mask, self.cross_kv[0][0].shape[2], self._distance_bias.device)
+            self._cross_bias = (encoder_mask, bias)
+        return self._distance_bias[..., L - 1 - p:], self._cross_bias[1]
 
     @property
     def length(self) -> int:
@@ -267,6 +301,9 @@ class T5(nn.Module):
                decoder_attention_mask: Tensor | None = None, cache: T5Cache | None = None) -> Tensor:
         """Decoder hidden states (B, T, D). With a cache, only the new tokens are passed."""
         x = F.dropout(self.shared(decoder_input_ids), self.config.dropout_rate, self.training)
+        bias = cross_bias = None
+        if cache is not None and decoder_input_ids.shape[1] == 1 and decoder_attention_mask is None:
+            bias, cross_bias = cache.step_biases(self.decoder, encoder_mask)
         return self.decoder(
             x,
             attention_mask=decoder_attention_mask,
@@ -274,6 +311,8 @@ class T5(nn.Module):
             memory_mask=encoder_mask,
             cross_kv=cache.cross_kv if cache is not None else None,
             cache=cache.self_attention if cache is not None else None,
+            bias=bias,
+            cross_bias=cross_bias,
         )
 
     def logits(self, hidden: Tensor) -> Tensor:
