@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .ops import Linear
+from .ops import unpack
 
 _ENGINES = ("x86", "fbgemm")
 
@@ -74,10 +74,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                          f"{param.device.type}: load it with device='cpu' and dtype='float32' (--device cpu "
                          "--dtype float32), or drop --quantize")
     torch.backends.quantized.engine = next(e for e in _ENGINES if e in torch.backends.quantized.supported_engines)
+    unpack(lm)  # packed float32 weights (ops.Linear) back to plain matrices, which quantizing reads
     targets = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
     for name, module in targets:
-        if isinstance(module, Linear):
-            module.unpack()  # a packed float32 weight (ops.Linear) back to the plain matrix
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, Int8Linear(module.weight, module.bias))
