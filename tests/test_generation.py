@@ -341,6 +341,35 @@ def test_cached_decoding_equals_full_forward(hf_checkpoints, family, lengths):
     assert torch.equal(cached.argmax(-1), new)
 
 
+def test_rotary_tables_and_rotation_are_the_plain_formula():
+    """The cache's rotary tables give exactly what `rotary` computes per call, and `_rotate` (halves swapped, signed
+    sin) exactly the textbook x * cos + cat(-x2, x1) * sin, in float32 and bfloat16."""
+    from instructblip.llama import KVCache, _rotate, rope, rotary
+
+    positions = torch.tensor([[0, 1, 5, 17], [3, 3, 4, 29]])
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(1, 2, 2, 30, 16, dtype, "cpu")
+        cos, sin = rope(cache, positions, 16, 10000.0, dtype)
+        expected_cos, expected_sin = rotary(positions, 16, 10000.0, dtype)
+        assert cos.shape == (2, 4, 1, 16) and torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+        freqs = positions[..., None].float() * (1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+        emb = torch.cat([freqs, freqs], -1)[..., None, :]
+        assert torch.equal(cos, emb.cos().to(dtype)) and torch.equal(sin.abs(), emb.sin().abs().to(dtype))
+        x = torch.randn(2, 4, 3, 16).to(dtype)
+        textbook = x * cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * emb.sin().to(dtype)
+        assert torch.equal(_rotate(x, cos, sin), textbook)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_returns_an_ordinary_tensor(pairs, family):
+    """The search runs in inference mode; what it returns can still be edited in place and used with autograd."""
+    _, ours = pairs[family]
+    new = ours.generate(**make_inputs(family), max_new_tokens=3)
+    assert not new.is_inference()
+    new[0, 0] = 7  # an inference tensor would raise here
+    assert not torch.is_inference_mode_enabled()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # sampling and warpers
 

@@ -213,6 +213,24 @@ def test_packed_layer_converts_copies_saves_and_loads(packed_layer, tmp_path):
 
 
 @packing
+@pytest.mark.parametrize("shape", [(300,), (1, 300), (2, 300), (1, 3, 300), (4, 300), (5, 300), (2, 9, 300)])
+def test_packed_layer_pads_few_rows_and_adds_residuals(packed_layer, shape):
+    """Fewer than MIN_PACKED_ROWS rows are padded for the packed kernel (and the padding dropped): the same numbers as
+    F.linear at every row count, with and without a residual, and the input is left as it was."""
+    layer, w, b = packed_layer
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    r = torch.randn(*shape[:-1], 500, generator=g)
+    before = x.clone()
+    with torch.no_grad():
+        out = layer(x)
+        assert layer.packed and out.shape == (*shape[:-1], 500) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(layer(x, residual=r), F.linear(x, w, b) + r, rtol=1e-5, atol=1e-4)
+    assert torch.equal(x, before)
+
+
+@packing
 def test_a_weight_held_by_a_graph_stays_plain_until_released(packed_layer):
     layer, w, b = packed_layer
     x = torch.randn(3, 300)

@@ -127,11 +127,18 @@ def ban_repeated_ngrams(scores: Tensor, ids: Tensor, n: int) -> Tensor:
     return scores.masked_fill(banned[:, :V], -math.inf)
 
 
-def suppress_tokens(scores: Tensor, token_ids: Tensor) -> Tensor:
-    """-inf for `token_ids` (1-D), e.g. eos before the minimum length is reached."""
+def in_vocabulary(token_ids: Tensor, vocab_size: int) -> Tensor:
+    """The ids of `token_ids` (1-D) that index a score among `vocab_size`."""
+    return token_ids[(token_ids >= 0) & (token_ids < vocab_size)]
+
+
+def suppress_tokens(scores: Tensor, token_ids: Tensor, checked: bool = False) -> Tensor:
+    """-inf for `token_ids` (1-D), e.g. eos before the minimum length is reached. Ids outside the vocabulary do
+    nothing; `checked`: the caller has already dropped them (`in_vocabulary`, once per generation, not per step)."""
     if token_ids.numel() == 0:
         return scores
-    token_ids = token_ids[(token_ids >= 0) & (token_ids < scores.shape[-1])]  # ids outside the vocabulary: nothing
+    if not checked:
+        token_ids = in_vocabulary(token_ids, scores.shape[-1])
     return scores.index_fill(-1, token_ids, -math.inf)  # (a vocabulary-wide isin cost ~0.3 ms per step)
 
 
@@ -349,6 +356,7 @@ class DecodeState:
     cache: KVCache | T5Cache
     attention_mask: Tensor  # LLaMA: (N, filled) over the cached positions; T5: the encoder mask (N, L)
     positions: Tensor | None  # LLaMA: (N,) position of the last token fed; T5: None
+    padded: bool = True  # LLaMA: whether the prompt has padding; without, the steps need no mask (one check here)
 
 
 def prefill(model, prompt: Prompt, max_new_tokens: int) -> tuple[DecodeState, Tensor]:
@@ -366,7 +374,7 @@ def prefill(model, prompt: Prompt, max_new_tokens: int) -> tuple[DecodeState, Te
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, L), transformers' generate
         cache = lm.new_cache(B, L + max_new_tokens)
         hidden = lm(embeds, mask, positions, cache)  # (B, L, D)
-        state = DecodeState(lm, cache, mask, positions[:, -1])
+        state = DecodeState(lm, cache, mask, positions[:, -1], padded=not bool(mask.all()))
     return state, lm.logits(hidden[:, -1]).float()
 
 
@@ -379,7 +387,8 @@ def decode_step(state: DecodeState, tokens: Tensor) -> Tensor:
         ones = state.attention_mask.new_ones(tokens.shape[0], 1)
         state.attention_mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
         state.positions = state.positions + 1
-        hidden = lm(lm.embed_tokens(tokens[:, None]), state.attention_mask, state.positions[:, None], state.cache)
+        mask = state.attention_mask if state.padded else None  # all ones: one new token attends to every position
+        hidden = lm(lm.embed_tokens(tokens[:, None]), mask, state.positions[:, None], state.cache)
     return lm.logits(hidden[:, -1]).float()
 
 
@@ -414,12 +423,12 @@ def _history(prefix: Tensor, generated: Tensor) -> Tensor:
 
 
 def _process(scores: Tensor, history: Tensor, ignore: Tensor | None, n_generated: int, s: GenerationSettings,
-             min_tokens_to_keep: int) -> Tensor:
-    """All logits processors for one step, in transformers' order."""
+             min_tokens_to_keep: int, eos: Tensor) -> Tensor:
+    """All logits processors for one step, in transformers' order. `eos`: `s.eos` within the vocabulary."""
     scores = apply_repetition_penalty(scores, history, s.repetition_penalty, ignore)
     scores = ban_repeated_ngrams(scores, history, s.no_repeat_ngram_size)
     if n_generated < s.min_new_tokens:
-        scores = suppress_tokens(scores, s.eos)
+        scores = suppress_tokens(scores, eos, checked=True)
     if s.do_sample:
         scores = warp(scores, s.temperature, s.top_k, s.top_p, min_tokens_to_keep)
     return scores
@@ -431,10 +440,11 @@ def _sample_tokens(state: DecodeState, logits: Tensor, prefix: Tensor, ignore: T
     N = logits.shape[0]
     generated = torch.empty(N, 0, dtype=torch.long, device=logits.device)  # (N, t)
     unfinished = torch.ones(N, dtype=torch.bool, device=logits.device)
+    eos = in_vocabulary(s.eos, logits.shape[-1])
     for t in range(s.max_new_tokens):
         if t > 0:
             logits = decode_step(state, generated[:, -1])
-        scores = _process(logits, _history(prefix, generated), ignore, t, s, min_tokens_to_keep=1)
+        scores = _process(logits, _history(prefix, generated), ignore, t, s, 1, eos)
         token = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)  # (N,)
         token = torch.where(unfinished, token, torch.full_like(token, s.pad))
         generated = torch.cat([generated, token[:, None]], 1)
@@ -471,6 +481,7 @@ def _beam_search(state: DecodeState, logits: Tensor, prefix: Tensor, ignore: Ten
     B = logits.shape[0] // K
     device = logits.device
     n_eos = s.eos.numel()
+    eos_in_vocabulary = in_vocabulary(s.eos, V)
     width = max(2, 1 + n_eos) * K  # candidates kept per step
     top_beams = torch.arange(width, device=device) < K  # (width,) only these may enter the finished set
     lp = s.length_penalty
@@ -490,7 +501,7 @@ def _beam_search(state: DecodeState, logits: Tensor, prefix: Tensor, ignore: Ten
             logits = decode_step(state, running[:, :, t - 1].reshape(B * K))
         log_probs = F.log_softmax(logits, dim=-1)  # (B*K, V)
         history = _history(prefix, running.reshape(B * K, T)[:, :t])
-        log_probs = _process(log_probs, history, ignore, t, s, min_tokens_to_keep=max(2, n_eos + 1))
+        log_probs = _process(log_probs, history, ignore, t, s, max(2, n_eos + 1), eos_in_vocabulary)
         accumulated = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
 
         # a. the best `width` continuations over all beams of an item
@@ -635,17 +646,29 @@ def generate(model, pixel_values: Tensor | None = None, qformer_input_ids: Tenso
     (both). Lengths, eos and pad defaults, and `penalty_scope`: see the module docstring.
     `streamer`: an object with `put(tokens)` and `end()` (transformers' streamer protocol), called with the new
     token (a (1,) tensor) of each step; batch size 1 without beam search. See also `stream`.
+
+    The search runs in `torch.inference_mode` (each small op of a decoding step dispatches faster than under
+    `no_grad`: about 0.7 ms of a 7 ms step of the benchmark's 45M LLaMA); the tokens are copied out of it, so the
+    result is an ordinary tensor.
     """
-    run = _start(
-        model, pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
-        qformer_attention_mask=qformer_attention_mask, input_ids=input_ids, attention_mask=attention_mask,
-        inputs_embeds=inputs_embeds, interpolate_pos_encoding=interpolate_pos_encoding, image_features=image_features,
-        max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-        length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, penalty_scope=penalty_scope, generator=generator, **unused,
-    )
+    with torch.inference_mode():
+        out = _generate(
+            model, pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask, input_ids=input_ids, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, interpolate_pos_encoding=interpolate_pos_encoding,
+            image_features=image_features, max_new_tokens=max_new_tokens, max_length=max_length,
+            min_new_tokens=min_new_tokens, min_length=min_length, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, penalty_scope=penalty_scope, generator=generator,
+            streamer=streamer, **unused,
+        )
+    return out.clone()  # outside inference mode: an ordinary tensor (in-place edits and autograd work on it)
+
+
+def _generate(model, streamer: Any = None, **kwargs: Any) -> Tensor:
+    run = _start(model, **kwargs)
     s = run.settings
     if s.num_beams > 1:
         if streamer is not None:
@@ -690,7 +713,7 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream(model, tokenizer, **kwargs: Any) -> Iterator[str]:
     """Like `generate` (same arguments) for one sequence, yielding text pieces as tokens are produced.
 

@@ -24,9 +24,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        if dtype != torch.float32:
+            x = x.float()
         x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)  # x * x: one cheap op, pow(x, 2)'s result
-        return self.weight * x.to(dtype)
+        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 class KVCache:
@@ -42,6 +43,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
         self.max_length = max_length
+        self.rope: tuple[Tensor, Tensor] | None = None  # LLaMA: cos, sin tables (max_length, 1, head_dim), see rope()
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H_kv, T, hd) after the filled positions; return all keys and values so far."""
@@ -65,18 +67,32 @@ class KVCache:
 
 
 def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B, T, 1, head_dim) for the given positions (B, T); computed in fp32."""
+    """cos and signed sin, each (B, T, 1, head_dim), for the given positions (B, T); computed in fp32.
+
+    The sin's first half is negated: `_rotate` multiplies it with the halves swapped, so that
+    x * cos + swap(x) * sin is the usual x * cos + cat(-x2, x1) * sin, the same numbers (a sign flip is exact)."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # (B, T, 1, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # (B, T, 1, hd)
+    sin = emb.sin()
+    sin[..., : head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
+
+
+def rope(cache: KVCache, position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """`rotary` for positions below `cache.max_length`, read from tables the cache keeps (made on first use): one
+    lookup per decoding step instead of the ten small ops that compute them."""
+    if cache.rope is None or cache.rope[0].dtype != dtype or cache.rope[0].device != position_ids.device:
+        positions = torch.arange(cache.max_length, device=position_ids.device)
+        cache.rope = rotary(positions, head_dim, theta, dtype)  # (max_length, 1, hd) each
+    cos, sin = cache.rope
+    return cos[position_ids], sin[position_ids]  # (B, T, 1, hd)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x (..., hd) rotated by the positions of cos and the signed sin of `rotary`."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin  # roll: (x2, x1)
 
 
 class LlamaAttention(nn.Module):
@@ -91,7 +107,9 @@ class LlamaAttention(nn.Module):
         self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                residual: Tensor | None = None) -> Tensor:
+        """The attention output projected back to (B, T, D), plus `residual` when given (added inside the GEMM)."""
         B, T, _ = x.shape
         H, H_kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(B, T, H + 2 * H_kv, self.head_dim)  # (B, T, H + 2 H_kv, hd)
@@ -108,7 +126,7 @@ class LlamaAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * hd) -> (B, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1), residual=residual)  # (B, T, H * hd) -> (B, T, D)
 
 
 class LlamaBlock(nn.Module):
@@ -121,9 +139,9 @@ class LlamaBlock(nn.Module):
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        x = self.attn(self.attn_norm(x), cos, sin, mask, cache, residual=x)  # the residual adds inside the GEMMs
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate) * up, residual=x)
 
 
 class Llama(nn.Module):
@@ -164,7 +182,11 @@ class Llama(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
-        cos, sin = rotary(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        c = self.config
+        if cache is not None:
+            cos, sin = rope(cache, position_ids, c.head_dim, c.rope_theta, inputs_embeds.dtype)
+        else:
+            cos, sin = rotary(position_ids, c.head_dim, c.rope_theta, inputs_embeds.dtype)
         mask = self._mask(attention_mask, B, T, past, inputs_embeds.device)
         x = inputs_embeds
         for layer in self.layers:

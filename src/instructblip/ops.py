@@ -110,6 +110,7 @@ def pack_weights(setting: str | None = None, capability: str | None = None) -> b
 
 PACK = pack_weights()
 PACK_ROWS = 16  # the row count oneDNN is told to expect when packing; every count from 2 gave the same speed
+MIN_PACKED_ROWS = 4  # fewer rows are padded to this many for a packed weight; see the module docstring
 _SWAP_LOCK = threading.Lock()
 
 
@@ -166,14 +167,15 @@ class Linear(nn.Linear):
     _pack_failed = False  # set on an instance whose weight could not be swapped
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        fast = _packed_route(x, self.weight, self.bias, residual)
-        if self.weight.is_mkldnn and not fast:
+        w, b = self.weight, self.bias  # (module attribute lookups cost ~1 us each: a decoding step makes 17 calls)
+        fast = _packed_route(x, w, b, residual)
+        if w.is_mkldnn:
+            if fast:
+                return _packed_linear(x, w, b, residual)
             self.unpack()
-        elif fast and PACK and not self.weight.is_mkldnn and _packable(self.weight) and not self._pack_failed:
-            self.pack()
-        if self.weight.is_mkldnn:
-            return _packed_linear(x, self.weight, self.bias, residual)
-        return linear(x, self.weight, self.bias, residual)
+        elif fast and PACK and not self._pack_failed and _packable(w) and self.pack():
+            return _packed_linear(x, w, b, residual)  # w: the same Parameter, swapped in place
+        return linear(x, w, b, residual)
 
     @property
     def packed(self) -> bool:
@@ -256,6 +258,12 @@ def _packed_route(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
 
 def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows < MIN_PACKED_ROWS:  # padded with copies of row 0 (or zeros), the extra rows' outputs dropped
+        flat = x.reshape(rows, x.shape[-1])
+        flat = flat.expand(MIN_PACKED_ROWS, -1) if rows == 1 else F.pad(flat, (0, 0, 0, MIN_PACKED_ROWS - rows))
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")[:rows]  # (rows, out)
+        return _add(out.view(*x.shape[:-1], weight.shape[0]), residual)
     if residual is not None and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return _add(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), residual)

@@ -45,12 +45,14 @@ class Int8Linear(nn.Module):
         b = bias.detach().float() if bias is not None else None
         self._packed = torch.ops.quantized.linear_prepack(q, b)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """As `ops.Linear`: plus `residual` (a tensor of the output's shape) when given."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("an int8-quantized model is for inference only; train the float32 model")
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.quantized.linear_dynamic(flat.float(), self._packed, True)  # 7-bit activations, as on x86
-        return out.reshape(*x.shape[:-1], self.out_features)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if residual is None else out + residual
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
