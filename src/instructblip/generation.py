@@ -441,12 +441,13 @@ def _sample_tokens(state: DecodeState, logits: Tensor, prefix: Tensor, ignore: T
     generated = torch.empty(N, 0, dtype=torch.long, device=logits.device)  # (N, t)
     unfinished = torch.ones(N, dtype=torch.bool, device=logits.device)
     eos = in_vocabulary(s.eos, logits.shape[-1])
+    pad = torch.full((N,), s.pad, dtype=torch.long, device=logits.device)  # what finished rows get
     for t in range(s.max_new_tokens):
         if t > 0:
             logits = decode_step(state, generated[:, -1])
         scores = _process(logits, _history(prefix, generated), ignore, t, s, 1, eos)
         token = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)  # (N,)
-        token = torch.where(unfinished, token, torch.full_like(token, s.pad))
+        token = torch.where(unfinished, token, pad)
         generated = torch.cat([generated, token[:, None]], 1)
         unfinished &= ~torch.isin(token, s.eos)
         yield token
