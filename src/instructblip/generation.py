@@ -354,7 +354,7 @@ class DecodeState:
 
     lm: Llama | T5
     cache: KVCache | T5Cache
-    attention_mask: Tensor  # LLaMA: (N, filled) over the cached positions; T5: the encoder mask (N, L)
+    attention_mask: Tensor  # LLaMA: (N, filled) over the cached positions (the prompt's only, if not padded)
     positions: Tensor | None  # LLaMA: (N,) position of the last token fed; T5: None
     padded: bool = True  # LLaMA: whether the prompt has padding; without, the steps need no mask (one check here)
 
@@ -384,10 +384,11 @@ def decode_step(state: DecodeState, tokens: Tensor) -> Tensor:
     if isinstance(lm, T5):
         hidden = lm.decode(tokens[:, None], None, state.attention_mask, None, state.cache)  # (N, 1, D)
     else:
-        ones = state.attention_mask.new_ones(tokens.shape[0], 1)
-        state.attention_mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
+        mask = None  # no padding: one new token attends to every position, no mask needed
+        if state.padded:
+            ones = state.attention_mask.new_ones(tokens.shape[0], 1)
+            state.attention_mask = mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
         state.positions = state.positions + 1
-        mask = state.attention_mask if state.padded else None  # all ones: one new token attends to every position
         hidden = lm(lm.embed_tokens(tokens[:, None]), mask, state.positions[:, None], state.cache)
     return lm.logits(hidden[:, -1]).float()
 

@@ -83,7 +83,7 @@ def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
 def rope(cache: KVCache, position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """`rotary` for positions below `cache.max_length`, read from tables the cache keeps (made on first use): one
     lookup per decoding step instead of the ten small ops that compute them."""
-    if cache.rope is None or cache.rope[0].dtype != dtype or cache.rope[0].device != position_ids.device:
+    if cache.rope is None or cache.rope[0].dtype != dtype:  # (the cache and its tables are on the model's device)
         positions = torch.arange(cache.max_length, device=position_ids.device)
         cache.rope = rotary(positions, head_dim, theta, dtype)  # (max_length, 1, hd) each
     cos, sin = cache.rope
@@ -189,8 +189,9 @@ class Llama(nn.Module):
             cos, sin = rotary(position_ids, c.head_dim, c.rope_theta, inputs_embeds.dtype)
         mask = self._mask(attention_mask, B, T, past, inputs_embeds.device)
         x = inputs_embeds
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if checkpointed:
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
