@@ -483,7 +483,7 @@ def _beam_search(state: DecodeState, logits: Tensor, prefix: Tensor, ignore: Ten
     B = logits.shape[0] // K
     device = logits.device
     n_eos = s.eos.numel()
-    eos_in_vocabulary = in_vocabulary(s.eos, V)
+    eos = in_vocabulary(s.eos, V)  # for suppressing; stopping checks every id of s.eos
     width = max(2, 1 + n_eos) * K  # candidates kept per step
     top_beams = torch.arange(width, device=device) < K  # (width,) only these may enter the finished set
     lp = s.length_penalty
@@ -503,7 +503,7 @@ def _beam_search(state: DecodeState, logits: Tensor, prefix: Tensor, ignore: Ten
             logits = decode_step(state, running[:, :, t - 1].reshape(B * K))
         log_probs = F.log_softmax(logits, dim=-1)  # (B*K, V)
         history = _history(prefix, running.reshape(B * K, T)[:, :t])
-        log_probs = _process(log_probs, history, ignore, t, s, max(2, n_eos + 1), eos_in_vocabulary)
+        log_probs = _process(log_probs, history, ignore, t, s, max(2, n_eos + 1), eos)
         accumulated = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
 
         # a. the best `width` continuations over all beams of an item

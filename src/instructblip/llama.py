@@ -24,10 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        if dtype != torch.float32:
-            x = x.float()
+        x = x.float()
         x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)  # x * x: one cheap op, pow(x, 2)'s result
-        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
+        return self.weight * x.to(dtype)
 
 
 class KVCache:

@@ -124,7 +124,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """x @ weight^T + bias, plus `residual` (a tensor of the output's shape) when given."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = _rows(x)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
         return _add(F.linear(x, weight, bias), residual)
@@ -145,6 +145,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if bias is not None:
         out = out + bias
     return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
+
+
+def _rows(x: Tensor) -> int:
+    """The number of rows of x (..., in) seen as a matrix."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _add(out: Tensor, residual: Tensor | None) -> Tensor:
@@ -262,14 +267,12 @@ def _packed_route(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
 
 def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
-    shape = x.shape
-    rows = x.numel() // shape[-1] if shape[-1] else 0
+    rows = _rows(x)
     if 0 < rows < MIN_PACKED_ROWS:  # padded with copies of row 0 (or zeros), the extra rows' outputs dropped
-        flat = x.reshape(rows, shape[-1])
+        flat = x.reshape(rows, x.shape[-1])
         flat = flat.expand(MIN_PACKED_ROWS, -1) if rows == 1 else F.pad(flat, (0, 0, 0, MIN_PACKED_ROWS - rows))
         out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")[:rows]  # (rows, out)
-        out = out.view(*shape[:-1], weight.shape[0])
-        return out if residual is None else out + residual
+        return _add(out.view(*x.shape[:-1], weight.shape[0]), residual)
     if residual is not None and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return _add(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), residual)
