@@ -65,6 +65,30 @@ def test_linear_equals_f_linear(shape, bias, few_rows):
             torch.testing.assert_close(ops.linear(xt, wt, b), F.linear(xt, wt, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("out", [500, 501])
+def test_one_row_splits_the_weight_into_blocks(out, threads, monkeypatch):
+    """MKL's route for one row: one GEMV per block of output rows (as many blocks as threads, at least two), when
+    the blocks divide the weight evenly; otherwise the row padded to two."""
+    monkeypatch.setattr(ops, "ONEDNN_FEW_ROWS", frozenset())
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(1, 1, 300, generator=g), torch.randn(out, 300, generator=g) / 300**0.5, torch.randn(out)
+    r = torch.randn(1, 1, out, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            names = op_names(lambda: ops.linear(x, w, b))
+            torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ops.linear(x, w, b, residual=r), F.linear(x, w, b) + r, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ops.linear(x[0], w.t().contiguous().t()), F.linear(x[0], w), rtol=1e-5,
+                                       atol=1e-5)  # a strided weight: the padded product
+    finally:
+        torch.set_num_threads(before)
+    split = out % max(2, threads) == 0
+    assert ("aten::bmm" in names) == split and ("aten::mm" in names) != split
+
+
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # printed by torch.backends.mkldnn.flags
 def test_routes_taken_and_left(few_rows):
     x, w = torch.randn(64, 300), torch.randn(500, 300)
@@ -75,10 +99,10 @@ def test_routes_taken_and_left(few_rows):
                 names = op_names(lambda r=rows: ops.linear(x[:r], w))
                 assert "mkldnn::_linear_pointwise" not in names
             assert "aten::linear" in op_names(lambda: ops.linear(x, w))
-        for rows in (1, 2, 3, 5, 16):  # few rows: MKL's transposed product (mm) or oneDNN, as ONEDNN_FEW_ROWS says
+        for rows in (1, 2, 3, 5, 16):  # few rows: MKL's transposed product or oneDNN, as ONEDNN_FEW_ROWS says
             names = op_names(lambda r=rows: ops.linear(x[:r], w))
             assert ("mkldnn::_linear_pointwise" not in names) == (rows in few_rows), rows
-            assert ("aten::mm" in names) == (rows in few_rows), rows
+            assert ("aten::bmm" if rows == 1 else "aten::mm") in names or rows not in few_rows, rows
         small = torch.randn(50, 300)  # below MIN_WEIGHT: the plain path
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x, small))
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x.double(), w.double()))
