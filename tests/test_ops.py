@@ -103,6 +103,16 @@ def test_routes_taken_and_left(few_rows):
             names = op_names(lambda r=rows: ops.linear(x[:r], w))
             assert ("mkldnn::_linear_pointwise" not in names) == (rows in few_rows), rows
             assert ("aten::bmm" if rows == 1 else "aten::mm") in names or rows not in few_rows, rows
+        if ops.ONEDNN_MAX_ROWS is None:  # no bound on AVX-512 CPUs
+            assert "mkldnn::_linear_pointwise" in op_names(lambda: ops.linear(torch.randn(300, 300), w))
+        assert ops.onednn_max_rows("AVX512") is None and ops.onednn_max_rows("AVX2") == 256
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(ops, "ONEDNN_MAX_ROWS", 256)  # more rows than that: MKL, on the same numbers
+            for rows in (256, 257):
+                names = op_names(lambda r=rows: ops.linear(torch.randn(r, 300), w))
+                assert ("mkldnn::_linear_pointwise" in names) == (rows == 256), rows
+            big = torch.randn(300, 300)
+            torch.testing.assert_close(ops.linear(big, w), F.linear(big, w), rtol=1e-5, atol=1e-5)
         small = torch.randn(50, 300)  # below MIN_WEIGHT: the plain path
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x, small))
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x.double(), w.double()))

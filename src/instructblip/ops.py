@@ -28,8 +28,12 @@ same layout, the third (the default for `Linear` layers on AVX-512 CPUs) with ea
   (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls; it reads the ordinary dense
   weight, nothing is repacked or copied) runs the ViT-g shapes at 257 rows up to 1.7x faster than MKL (fc1 the most,
   qkv and fc2 level to 1.45x across runs), and most shapes 1.3-2x at 32-128 rows (`benchmarks/gemm_routes.py` prints
-  the comparison). It has no backward, so anything that needs a gradient through the product stays on `F.linear`;
-  so does anything when `torch.backends.mkldnn.enabled` is False.
+  the comparison). Those figures are from a Zen 3 (AVX2) in an early session; on a Zen 3 in a later one (session
+  16), oneDNN still won at 17-128 rows (1.1-1.9x; the LM head and ViT fc1 the most) but was level at 257 rows
+  (0.93-1.05x; fc2 0.73-0.93x) and 1.05-1.4x slower than MKL at 514 and 2056 (the ViT-g at batch 2 and 8): whole
+  image encoding at batch 8 ran 0.86x transformers'. So on CPUs without AVX-512 oneDNN takes at most
+  `ONEDNN_MAX_ROWS` (256) rows and MKL the rest. It has no backward, so anything that needs a gradient through the
+  product stays on `F.linear`; so does anything when `torch.backends.mkldnn.enabled` is False.
 
 - **Packed weights (`Linear` layers, AVX-512 CPUs).** Both oneDNN routes above read the ordinary (out, in) weight,
   which oneDNN first reorders into its blocked layout on every call: a pass over the weight that few-row products
@@ -105,6 +109,16 @@ def onednn_few_rows(setting: str | None = None, capability: str | None = None, f
 ONEDNN_FEW_ROWS = onednn_few_rows()  # see the module docstring
 
 
+def onednn_max_rows(capability: str | None = None) -> int | None:
+    """The most rows a product sends to oneDNN's matmul on the plain weight (None: no bound): 256 on CPUs without
+    AVX-512, where MKL is faster above (see the module docstring)."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return None if capability.startswith("AVX512") else 256
+
+
+ONEDNN_MAX_ROWS = onednn_max_rows()
+
+
 def pack_weights(setting: str | None = None, capability: str | None = None) -> bool:
     """Whether `Linear` layers pack their weights for oneDNN (see the module docstring): auto = on AVX-512 CPUs."""
     setting = (os.environ.get(PACK_ENV, "") if setting is None else setting).strip().lower() or "auto"
@@ -134,8 +148,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
         return _add(F.linear(x, weight, bias), residual)
-    if ((rows > MAX_ROWS or rows in ONEDNN_FEW_ROWS) and HAS_ONEDNN and torch.backends.mkldnn.enabled
-            and not _needs_grad(x, weight, bias, residual)):
+    if ((rows > MAX_ROWS or rows in ONEDNN_FEW_ROWS) and (ONEDNN_MAX_ROWS is None or rows <= ONEDNN_MAX_ROWS)
+            and HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias, residual)):
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         if residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], weight.shape[0]):
