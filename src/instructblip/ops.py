@@ -157,18 +157,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if rows > MAX_ROWS:
         return _add(F.linear(x, weight, bias), residual)
     flat = x.reshape(rows, x.shape[-1])
-    split = max(2, torch.get_num_threads())
-    if rows == 1 and weight.shape[0] % split == 0 and weight.is_contiguous():  # one GEMV per block of output rows
-        blocks = weight.view(split, weight.shape[0] // split, weight.shape[1])  # (split, out / split, in)
-        out = torch.bmm(blocks, flat.t().expand(split, -1, -1)).view(weight.shape[0], 1)  # (out, 1)
-    elif rows == 1:
-        out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1]  # (out, 1)
-    else:
-        out = torch.mm(weight, flat.t())  # (out, rows)
+    out = _one_row(weight, flat) if rows == 1 else torch.mm(weight, flat.t())  # (out, rows)
     out = out.t().contiguous()  # (rows, out), unit stride last: see the module docstring
     if bias is not None:
         out = out + bias
     return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
+
+
+def _one_row(weight: Tensor, row: Tensor) -> Tensor:
+    """weight (out, in) @ row (1, in)^T -> (out, 1): one GEMV per block of output rows, the blocks side by side
+    (see the module docstring), or the row padded to two when the blocks do not divide the weight."""
+    split = max(2, torch.get_num_threads())
+    if weight.shape[0] % split or not weight.is_contiguous():
+        return torch.mm(weight, torch.cat([row, row]).t())[:, :1]
+    blocks = weight.view(split, weight.shape[0] // split, weight.shape[1])  # (split, out / split, in)
+    return torch.bmm(blocks, row.t().expand(split, -1, -1)).view(weight.shape[0], 1)
 
 
 def _rows(x: Tensor) -> int:
