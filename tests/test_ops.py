@@ -65,6 +65,19 @@ def test_linear_equals_f_linear(shape, bias, few_rows):
             torch.testing.assert_close(ops.linear(xt, wt, b), F.linear(xt, wt, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2048, 1), (2048, 2), (2752, 5), (2048, 16), (512, 5), (500, 16), (4100, 3)])
+def test_transposed_copy_in_blocks(shape):
+    """The few-row product's (out, rows) result made (rows, out) contiguous, by blocks or plainly: the same numbers."""
+    a = torch.randn(*shape)
+    t = ops._transposed(a)
+    assert t.is_contiguous() and torch.equal(t, a.t())
+    blocked = shape[0] * shape[1] >= ops.TRANSPOSE_BLOCKED_MIN and shape[0] % ops.TRANSPOSE_BLOCK == 0
+    if blocked:  # through linear, on MKL's few-row route
+        x, w = torch.randn(shape[1], 64), torch.randn(shape[0], 64)
+        with torch.no_grad():
+            torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out", [500, 501])
 def test_one_row_splits_the_weight_into_blocks(out, threads, monkeypatch):

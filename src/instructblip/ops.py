@@ -8,7 +8,8 @@ same layout, the third (the default for `Linear` layers on AVX-512 CPUs) with ea
   single row faster still when padded to two: MKL's row-major GEMV reads the weight at about half the memory
   bandwidth its 2-column GEMM reaches (LM head 3.5 ms against 1.2 ms; the four layers of a 45M LLaMA, weights not in
   cache: 3.1 ms against 1.5 ms). The (out, rows) product is copied to a contiguous (rows, out) (`rows * out` floats):
-  a strided last dimension sends SDPA to its math path and slows the elementwise ops after it.
+  a strided last dimension sends SDPA to its math path and slows the elementwise ops after it. That copy runs by
+  blocks of 32 outputs (`_transposed`), 2-3.5x faster than a plain transposing copy at the LM head's size.
   Better still for one row: the weight cut into `max(2, threads)` blocks of output rows, one GEMV per block through
   `bmm`, which runs the blocks side by side on the threads (a view, nothing copied; when the blocks do not divide the
   weight evenly, the row padded to two). Measured on a Zen 3 (AVX2, 2 threads, weights not in cache): the 17
@@ -71,6 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_ROWS = 16
+TRANSPOSE_BLOCK = 32  # see _transposed
+TRANSPOSE_BLOCKED_MIN = 4096  # elements; below, the plain transposing copy is as fast
 MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache and the plain path is as fast
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 FEW_ROWS_ENV = "INSTRUCTBLIP_FEW_ROWS"  # auto (by CPU, the default), mkl or onednn: the route of 1..MAX_ROWS rows
@@ -158,7 +161,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
         return _add(F.linear(x, weight, bias), residual)
     flat = x.reshape(rows, x.shape[-1])
     out = _one_row(weight, flat) if rows == 1 else torch.mm(weight, flat.t())  # (out, rows)
-    out = out.t().contiguous()  # (rows, out), unit stride last: see the module docstring
+    out = _transposed(out)  # (rows, out), unit stride last: see the module docstring
     if bias is not None:
         out = out + bias
     return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
@@ -172,6 +175,19 @@ def _one_row(weight: Tensor, row: Tensor) -> Tensor:
         return torch.mm(weight, torch.cat([row, row]).t())[:, :1]
     blocks = weight.view(split, weight.shape[0] // split, weight.shape[1])  # (split, out / split, in)
     return torch.bmm(blocks, row.t().expand(split, -1, -1)).view(weight.shape[0], 1)
+
+
+def _transposed(out: Tensor) -> Tensor:
+    """(N, rows) contiguous -> (rows, N) contiguous. For all but small outputs the copy runs over (N / 32, 32, rows)
+    blocks, permuted to (rows, N / 32, 32): the same numbers, 2-3.5x faster than `out.t().contiguous()` (measured
+    on a Zen 3: the LM head's 32000 outputs at 2 / 5 / 8 rows 221 / 296 / 438 us against 47 / 83 / 205 us, which
+    at 5 rows is 4% of the product itself; 2752 outputs 42-73 us against 17-42 us)."""
+    N, rows = out.shape
+    if rows == 1:
+        return out.view(1, N)
+    if N * rows < TRANSPOSE_BLOCKED_MIN or N % TRANSPOSE_BLOCK:
+        return out.t().contiguous()
+    return out.view(N // TRANSPOSE_BLOCK, TRANSPOSE_BLOCK, rows).permute(2, 0, 1).contiguous().view(rows, N)
 
 
 def _rows(x: Tensor) -> int:
