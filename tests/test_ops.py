@@ -94,8 +94,9 @@ def test_one_row_splits_the_weight_into_blocks(out, threads, monkeypatch):
             names = op_names(lambda: ops.linear(x, w, b))
             torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ops.linear(x, w, b, residual=r), F.linear(x, w, b) + r, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(ops.linear(x[0], w.t().contiguous().t()), F.linear(x[0], w), rtol=1e-5,
-                                       atol=1e-5)  # a strided weight: the padded product
+            padded = ops.linear(x[0], w.t().contiguous().t())  # a strided weight: the padded product
+            torch.testing.assert_close(padded, F.linear(x[0], w), rtol=1e-5, atol=1e-5)
+            assert padded.is_contiguous()
     finally:
         torch.set_num_threads(before)
     split = out % max(2, threads) == 0

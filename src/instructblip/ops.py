@@ -183,10 +183,8 @@ def _transposed(out: Tensor) -> Tensor:
     on a Zen 3: the LM head's 32000 outputs at 2 / 5 / 8 rows 221 / 296 / 438 us against 47 / 83 / 205 us, which
     at 5 rows is 4% of the product itself; 2752 outputs 42-73 us against 17-42 us)."""
     N, rows = out.shape
-    if rows == 1:
-        return out.view(1, N)
-    if N * rows < TRANSPOSE_BLOCKED_MIN or N % TRANSPOSE_BLOCK:
-        return out.t().contiguous()
+    if rows == 1 or N * rows < TRANSPOSE_BLOCKED_MIN or N % TRANSPOSE_BLOCK:
+        return out.t().contiguous()  # one row: no copy, unless it is every other element of the padded product
     return out.view(N // TRANSPOSE_BLOCK, TRANSPOSE_BLOCK, rows).permute(2, 0, 1).contiguous().view(rows, N)
 
 
