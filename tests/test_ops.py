@@ -122,11 +122,15 @@ def test_routes_taken_and_left(few_rows):
         assert ops.onednn_max_rows("AVX512") is None and ops.onednn_max_rows("AVX2") == 256
         with pytest.MonkeyPatch.context() as m:
             m.setattr(ops, "ONEDNN_MAX_ROWS", 256)  # more rows than that: MKL, on the same numbers
-            for rows in (256, 257):
+            m.setattr(ops, "ONEDNN_MAX_ROWS_WIDENING", 512)  # for a weight with more outputs than inputs (w here)
+            narrowing = torch.randn(300, 500)
+            for rows in (256, 257, 512, 513):
                 names = op_names(lambda r=rows: ops.linear(torch.randn(r, 300), w))
-                assert ("mkldnn::_linear_pointwise" in names) == (rows == 256), rows
-            big = torch.randn(300, 300)
-            torch.testing.assert_close(ops.linear(big, w), F.linear(big, w), rtol=1e-5, atol=1e-5)
+                assert ("mkldnn::_linear_pointwise" in names) == (rows <= 512), rows
+                names = op_names(lambda r=rows: ops.linear(torch.randn(r, 500), narrowing))
+                assert ("mkldnn::_linear_pointwise" in names) == (rows <= 256), rows
+            for big in (torch.randn(300, 300), torch.randn(600, 300)):
+                torch.testing.assert_close(ops.linear(big, w), F.linear(big, w), rtol=1e-5, atol=1e-4)  # |y| ~ 17
         small = torch.randn(50, 300)  # below MIN_WEIGHT: the plain path
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x, small))
         assert "mkldnn::_linear_pointwise" not in op_names(lambda: ops.linear(x.double(), w.double()))

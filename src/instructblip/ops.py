@@ -33,7 +33,11 @@ same layout, the third (the default for `Linear` layers on AVX-512 CPUs) with ea
   16), oneDNN still won at 17-128 rows (1.1-1.9x; the LM head and ViT fc1 the most) but was level at 257 rows
   (0.93-1.05x; fc2 0.73-0.93x) and 1.05-1.4x slower than MKL at 514 and 2056 (the ViT-g at batch 2 and 8): whole
   image encoding at batch 8 ran 0.86x transformers'. So on CPUs without AVX-512 oneDNN takes at most
-  `ONEDNN_MAX_ROWS` (256) rows and MKL the rest. It has no backward, so anything that needs a gradient through the
+  `ONEDNN_MAX_ROWS` (256) rows and MKL the rest, except for weights with more outputs than inputs, which it takes up
+  to `ONEDNN_MAX_ROWS_WIDENING` (512) rows: timed on that Zen 3 in session 17, at 257 rows the ViT-g's qkv and fc1
+  ran 1.1x faster on oneDNN (106 / 113 GFLOP/s against 96 / 101), its proj and fc2 1.15-1.2x slower, and at 1028
+  rows oneDNN was level or slower on all four; a batch-1 image encoding took 4.05-4.08 s against 4.31-4.48 s
+  (median of 5, alternating). It has no backward, so anything that needs a gradient through the
   product stays on `F.linear`; so does anything when `torch.backends.mkldnn.enabled` is False.
 
 - **Packed weights (`Linear` layers, AVX-512 CPUs).** Both oneDNN routes above read the ordinary (out, in) weight,
@@ -120,6 +124,7 @@ def onednn_max_rows(capability: str | None = None) -> int | None:
 
 
 ONEDNN_MAX_ROWS = onednn_max_rows()
+ONEDNN_MAX_ROWS_WIDENING = None if ONEDNN_MAX_ROWS is None else 2 * ONEDNN_MAX_ROWS  # out > in: see the docstring
 
 
 def pack_weights(setting: str | None = None, capability: str | None = None) -> bool:
@@ -151,7 +156,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
         return _add(F.linear(x, weight, bias), residual)
-    if ((rows > MAX_ROWS or rows in ONEDNN_FEW_ROWS) and (ONEDNN_MAX_ROWS is None or rows <= ONEDNN_MAX_ROWS)
+    bound = ONEDNN_MAX_ROWS if weight.shape[0] <= weight.shape[1] else ONEDNN_MAX_ROWS_WIDENING
+    if ((rows > MAX_ROWS or rows in ONEDNN_FEW_ROWS) and (bound is None or rows <= bound)
             and HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias, residual)):
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

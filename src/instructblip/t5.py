@@ -84,8 +84,9 @@ class T5Attention(nn.Module):
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, bias: Tensor, kv: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer: int = 0, residual: Tensor | None = None) -> Tensor:
         # bias: (B or 1, H, T, S) float, position bias plus mask (-inf where not allowed); scores are unscaled
+        # residual: added to the output inside the output projection when given
         B, T, _ = x.shape
         if self.cross:
             q = self._heads(self.q(x))
@@ -97,7 +98,7 @@ class T5Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype), scale=1.0, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.o(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * d_kv) -> (B, T, D)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1), residual=residual)  # (B, T, H * d_kv) -> (B, T, D)
 
 
 class T5FeedForward(nn.Module):
@@ -110,24 +111,21 @@ class T5FeedForward(nn.Module):
         self.act = _ACT[config.dense_act_fn]
         self.dropout = config.dropout_rate
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.gated:
             gate, linear = self.wi(x).chunk(2, dim=-1)
             h = self.act(gate) * linear
         else:
             h = self.act(self.wi(x))
-        h = F.dropout(h, self.dropout, self.training)
+        if self.training:
+            h = F.dropout(h, self.dropout, True)
         if isinstance(self.wo, nn.Linear):  # (an int8 layer of quantize.py takes float32 as it is)
             h = h.to(self.wo.weight.dtype)
-        return self.wo(h)
+        return self.wo(h, residual=residual)
 
 
 def _dropout(x: Tensor, p: float) -> Tensor:
     return F.dropout(x, p, True)
-
-
-def _identity(x: Tensor, p: float) -> Tensor:  # dropout in eval mode, without the call into torch
-    return x
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -154,11 +152,16 @@ class T5Block(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_bias: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        drop = _dropout if self.training and self.dropout > 0 else _identity
-        x = _clamp_fp16(x + drop(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer), self.dropout))
+        if not (self.training and self.dropout > 0):  # the residuals added inside the output projections
+            x = _clamp_fp16(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer, residual=x))
+            if self.is_decoder:
+                x = _clamp_fp16(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv, residual=x))
+            return _clamp_fp16(self.ffn(self.ffn_norm(x), residual=x))
+        p = self.dropout
+        x = _clamp_fp16(x + _dropout(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer), p))
         if self.is_decoder:
-            x = _clamp_fp16(x + drop(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv), self.dropout))
-        return _clamp_fp16(x + drop(self.ffn(self.ffn_norm(x)), self.dropout))
+            x = _clamp_fp16(x + _dropout(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv), p))
+        return _clamp_fp16(x + _dropout(self.ffn(self.ffn_norm(x)), p))
 
 
 def _padding_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
