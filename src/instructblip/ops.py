@@ -156,8 +156,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or rows == 0
             or weight.numel() < MIN_WEIGHT):
         return _add(F.linear(x, weight, bias), residual)
-    bound = ONEDNN_MAX_ROWS if weight.shape[0] <= weight.shape[1] else ONEDNN_MAX_ROWS_WIDENING
-    if ((rows > MAX_ROWS or rows in ONEDNN_FEW_ROWS) and (bound is None or rows <= bound)
+    if ((rows > MAX_ROWS or rows in ONEDNN_FEW_ROWS) and _within_onednn_bound(rows, weight)
             and HAS_ONEDNN and torch.backends.mkldnn.enabled and not _needs_grad(x, weight, bias, residual)):
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -171,6 +170,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if bias is not None:
         out = out + bias
     return _add(out.reshape(*x.shape[:-1], weight.shape[0]), residual)
+
+
+def _within_onednn_bound(rows: int, weight: Tensor) -> bool:
+    """Whether oneDNN takes this many rows for this weight: `ONEDNN_MAX_ROWS`, or `ONEDNN_MAX_ROWS_WIDENING` for a
+    weight with more outputs than inputs (None: no bound)."""
+    bound = ONEDNN_MAX_ROWS if weight.shape[0] <= weight.shape[1] else ONEDNN_MAX_ROWS_WIDENING
+    return bound is None or rows <= bound
 
 
 def _one_row(weight: Tensor, row: Tensor) -> Tensor:
