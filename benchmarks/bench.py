@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                   # every workload (about 20 minutes on 2 cores)
     python benchmarks/bench.py --only b c d      # some of them
-    make bench                                   # the same, writing benchmarks/RESULTS.md
+    make bench                                   # the same, adding the run to benchmarks/RESULTS.md
 
 Workloads (issue 8):
   a   image encoding at the real ViT-g + Q-Former sizes, batch 1 and 8
@@ -450,12 +450,37 @@ def machine() -> str:
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
+RESULTS_INTRO = ("# Benchmark results\n\n`make bench` (= `python benchmarks/bench.py --write benchmarks/RESULTS.md`) "
+                 "adds each run here as a section of its own, newest first, above the earlier ones.\n")
+
+
+def write_report(path: str, report: str, stamp: str) -> None:
+    """Adds one run's report to a Markdown file as a section of its own, above the earlier runs (the first `## `
+    heading), so that the file keeps its history and its notes; a missing file is started with a short intro. The
+    file is replaced whole (a temporary file renamed over it): an interrupted write leaves the old one."""
+    old = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    section = f"## Run of {stamp} (`bench.py {' '.join(sys.argv[1:])}`)\n\n{report.rstrip()}\n\n"
+    at = old.find("\n## ")
+    if at >= 0:
+        text = old[:at + 1] + section + old[at + 1:]
+    else:
+        text = (old.rstrip() + "\n\n" if old.strip() else RESULTS_INTRO + "\n") + section
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=list("abcdefq"),
                         help="workloads to run (a-f, q: --quantize int8)")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--write", default=None, help="also write the report to this Markdown file")
+    parser.add_argument("--write", default=None,
+                        help="also add the report to this Markdown file, as a new section above the earlier runs")
     args = parser.parse_args()
     only = set(args.only)
     torch.manual_seed(0)
@@ -483,8 +508,7 @@ def main() -> None:
         report += "\nf  loading a checkpoint (fresh processes):\n\n" + "\n".join(text) + "\n"
     print("\n" + report)
     if args.write:
-        with open(args.write, "w") as f:
-            f.write(report)
+        write_report(args.write, report, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 if __name__ == "__main__":

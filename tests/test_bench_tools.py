@@ -47,3 +47,19 @@ def test_peak_fraction_is_the_median_of_each_repetition_against_its_own_probe():
     assert bench.table([row], 100.0, 100.0).splitlines()[-1].endswith("| FAIL |")
     row.peaks = None  # one probe for the run: the best repetition against it
     assert "4 GB/s (4% of peak)" in bench.table([row], 100.0, 100.0)
+
+
+def test_write_report_adds_a_section_above_earlier_runs_and_keeps_the_rest(tmp_path):
+    """`make bench` adds its run to RESULTS.md; the notes and the earlier runs stay, newest first."""
+    path = tmp_path / "RESULTS.md"
+    bench.write_report(str(path), "Machine: first\n\n| a | PASS |\n", "2026-01-01 10:00 UTC")
+    text = path.read_text()
+    assert text.startswith("# Benchmark results\n") and "## Run of 2026-01-01 10:00 UTC" in text
+    assert "Machine: first" in text
+    path.write_text(text + "\n## Notes of an earlier session\n\nkept\n")
+    bench.write_report(str(path), "Machine: second\n", "2026-01-02 11:00 UTC")
+    text = path.read_text()
+    assert text.startswith("# Benchmark results\n") and text.endswith("kept\n")
+    assert text.index("2026-01-02") < text.index("2026-01-01") < text.index("Notes of an earlier session")
+    assert "Machine: first" in text and "Machine: second" in text
+    assert not (tmp_path / "RESULTS.md.tmp").exists()

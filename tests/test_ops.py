@@ -166,7 +166,7 @@ def test_fast_routes_give_the_same_tokens(family, pack, few_rows, tmp_path, monk
         # goes from the projection straight into SDPA, which takes the slow math path for a strided last dimension)
         assert "aten::_scaled_dot_product_attention_math" not in names
         linears = [m for m in ours.modules() if isinstance(m, ops.Linear) and m.weight.numel() >= ops.MIN_WEIGHT]
-        assert all(m.packed == ops.PACK for m in linears) and linears
+        assert all(m.packed == ops.PACK for m in linears) and linears  # a batch of 3 packs the decoder's too
         fast = ours.generate(**x, max_new_tokens=12)
         beams = ours.generate(**x, max_new_tokens=12, num_beams=3)
         feats_fast = ours.get_image_features(*list(x.values())[:3]).pooler_output
@@ -297,6 +297,69 @@ def test_a_weight_held_by_a_graph_stays_plain_until_released(packed_layer):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), out, rtol=1e-5, atol=1e-5)
     assert layer.packed  # released: packed on the next call
+
+
+@packing
+def test_decoding_layers_are_packed_for_three_sequences_or_more(packed_layer, monkeypatch):
+    """`for_decoding`: a decoder's layer never packs itself, whatever its row count (one or two rows and a prompt's
+    many rows run faster on the plain routes); `pack_for_decoding` packs it before 3 or more sequences are decoded
+    at once, only without gradients and with packing on, and from then on every call uses the packed weight."""
+    layer, w, b = packed_layer
+    assert ops.for_decoding(layer) is layer and not layer.autopack
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for shape in [(300,), (1, 1, 300), (2, 300), (5, 300), (1, 17, 300), (40, 300)]:
+            x = torch.randn(shape, generator=g)
+            torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+            assert not layer.packed, shape
+        ops.pack_for_decoding(layer, rows=2)
+        assert not layer.packed
+    ops.pack_for_decoding(layer, rows=5)  # gradients enabled: a training loop's forward, left alone
+    assert not layer.packed
+    monkeypatch.setattr(ops, "PACK", False)
+    with torch.inference_mode():
+        ops.pack_for_decoding(layer, rows=5)
+        assert not layer.packed
+        monkeypatch.setattr(ops, "PACK", True)
+        ops.pack_for_decoding(layer, rows=ops.PACK_DECODING_ROWS)
+        assert layer.packed
+        one = torch.randn(1, 300, generator=g)
+        torch.testing.assert_close(layer(one), F.linear(one, w, b), rtol=1e-5, atol=1e-4)
+        assert layer.packed  # stays packed
+    fresh = ops.Linear(300, 500)
+    with torch.inference_mode():
+        fresh(torch.randn(1, 300))
+    assert fresh.packed and fresh.autopack  # other layers pack themselves on their first call
+
+
+@packing
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_one_decodes_on_plain_weights_and_beams_pack_them(family, tmp_path, monkeypatch):
+    """Greedy decoding of one sequence keeps the decoder's weights plain (one-row products on MKL's route: `bmm` over
+    blocks of the weight); beam search then packs them; the tokens are the plain F.linear model's either way."""
+    monkeypatch.setattr(ops, "PACK", True)
+    monkeypatch.setattr(ops, "ONEDNN_FEW_ROWS", frozenset())
+    wide_model(family, tmp_path)
+    ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path)
+    x = {k: v[:1] for k, v in wide_inputs().items()}
+    lm = ours.language_model
+    decoder = [m for m in (lm.decoder if family == "t5" else lm).modules() if isinstance(m, ops.Linear)]
+    decoder += [lm.lm_head] if lm.lm_head is not None else []
+    with torch.no_grad():
+        names = op_names(lambda: ours.generate(**x, max_new_tokens=8))
+        assert "aten::bmm" in names and not any(m.packed for m in decoder)
+        assert all(m.packed for m in ours.vision_model.modules() if isinstance(m, ops.Linear)
+                   and m.weight.numel() >= ops.MIN_WEIGHT)
+        greedy = ours.generate(**x, max_new_tokens=8)
+        beams = ours.generate(**x, max_new_tokens=8, num_beams=3)
+        assert any(m.packed for m in decoder)
+        again = ours.generate(**x, max_new_tokens=8)  # one row on packed weights now
+        monkeypatch.setattr(ops, "PACK", False)
+        ops.unpack(ours)
+        monkeypatch.setattr(ops, "MIN_WEIGHT", 1 << 62)  # every product through F.linear
+        plain = ours.generate(**x, max_new_tokens=8)
+        plain_beams = ours.generate(**x, max_new_tokens=8, num_beams=3)
+    assert torch.equal(greedy, plain) and torch.equal(again, plain) and torch.equal(beams, plain_beams)
 
 
 @packing

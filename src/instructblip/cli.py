@@ -241,7 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench.py")
     if not os.path.isfile(script):
         print("The benchmarks live in benchmarks/ of the source tree (git clone, then `make bench`):\n"
-              "  benchmarks/bench.py        ours against transformers, same weights (writes benchmarks/RESULTS.md)\n"
+              "  benchmarks/bench.py        ours against transformers, same weights (results: benchmarks/RESULTS.md)\n"
               "  benchmarks/load_memory.py  peak memory and time while loading a ~1 GB checkpoint\n"
               "  benchmarks/serve_load.py   server throughput and latency under concurrency")
         return 0

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .llama import KVCache, Llama
+from .ops import pack_for_decoding
 from .t5 import T5, T5Cache
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default max_length (20) counted on top of the prompt
@@ -622,6 +623,7 @@ def _start(model, pixel_values=None, qformer_input_ids=None, qformer_attention_m
         expand(state, index)
         logits, prefix = logits.index_select(0, index), prefix.index_select(0, index)
         ignore = ignore.index_select(0, index) if ignore is not None else None
+    pack_for_decoding(model.language_model, logits.shape[0])  # 3+ rows a step: the decoder's weights packed
     return _Run(state, logits, prefix, ignore, settings)
 
 

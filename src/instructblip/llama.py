@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
-from .ops import Linear, linear
+from .ops import Linear, for_decoding, linear
 
 
 class RMSNorm(nn.Module):
@@ -157,6 +157,7 @@ class Llama(nn.Module):
         untied = lm_head and not config.tie_word_embeddings
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
         self.gradient_checkpointing = False
+        for_decoding(self)  # weights packed by generation for 3+ sequences at once: see ops.for_decoding
 
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config

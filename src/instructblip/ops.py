@@ -143,6 +143,8 @@ def pack_weights(setting: str | None = None, capability: str | None = None) -> b
 PACK = pack_weights()
 PACK_ROWS = 16  # the row count oneDNN is told to expect when packing; every count from 2 gave the same speed
 MIN_PACKED_ROWS = 4  # fewer rows are padded to this many for a packed weight; see the module docstring
+PACK_DECODING_ROWS = 3  # a decoder's layers are packed for decoding this many sequences at once or more: see
+# `for_decoding`
 _SWAP_LOCK = threading.Lock()
 
 
@@ -227,6 +229,7 @@ class Linear(nn.Linear):
     """
 
     _pack_failed = False  # set on an instance whose weight could not be swapped
+    autopack = True  # pack on the first call without a gradient; False for a decoder's layers (see `for_decoding`)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         w, b = self.weight, self.bias  # (module attribute lookups cost ~1 us each: a decoding step makes 17 calls)
@@ -235,7 +238,7 @@ class Linear(nn.Linear):
             if fast:
                 return _packed_linear(x, w, b, residual)
             self.unpack()
-        elif fast and PACK and not self._pack_failed and _packable(w) and self.pack():
+        elif fast and PACK and self.autopack and not self._pack_failed and _packable(w) and self.pack():
             return _packed_linear(x, w, b, residual)  # w: the same Parameter, swapped in place
         return linear(x, w, b, residual)
 
@@ -298,6 +301,27 @@ class Linear(nn.Linear):
     def __getstate__(self):
         self.unpack()
         return super().__getstate__()
+
+
+def for_decoding(module: nn.Module) -> nn.Module:
+    """Marks the `Linear` layers under `module` as a decoder's: they do not pack themselves on their first call, and
+    `pack_for_decoding` packs them when a generation decodes `PACK_DECODING_ROWS` (3) or more sequences at once
+    (a batch, beams). Decoding one or two sequences, and a prompt's prefill, run on the plain weights, where the plain
+    routes are faster (see the module docstring). Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.autopack = False
+    return module
+
+
+def pack_for_decoding(module: nn.Module, rows: int) -> None:
+    """Before decoding `rows` sequences at once: packs the weights of the decoder's layers under `module`
+    (`for_decoding`) when `rows` >= `PACK_DECODING_ROWS` and packing is on. A packed weight stays packed."""
+    if not PACK or rows < PACK_DECODING_ROWS or torch.is_grad_enabled():
+        return
+    for m in module.modules():
+        if isinstance(m, Linear) and not m.autopack and not m._pack_failed and _packable(m.weight):
+            m.pack()
 
 
 def unpack(module: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import T5Config
 from .llama import KVCache
-from .ops import Linear, linear
+from .ops import Linear, for_decoding, linear
 
 _ACT = {
     "gelu": F.gelu,
@@ -285,6 +285,9 @@ class T5(nn.Module):
         self.has_lm_head = lm_head
         untied = lm_head and not config.tie_word_embeddings
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False) if untied else None
+        for_decoding(self.decoder)  # weights packed by generation for 3+ sequences at once: see ops.for_decoding
+        if self.lm_head is not None:
+            for_decoding(self.lm_head)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
