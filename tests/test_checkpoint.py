@@ -57,10 +57,13 @@ def test_bf16_round_trip(family, tmp_path):
     ours = InstructBlipForConditionalGeneration.from_pretrained(bf16_dir, dtype="auto")
     assert ours.dtype == torch.bfloat16
     assert ours.query_tokens.dtype == torch.float32  # kept in fp32, as transformers does
-    assert InstructBlipForConditionalGeneration.from_pretrained(bf16_dir).dtype == torch.float32  # CPU default
+    fp32 = InstructBlipForConditionalGeneration.from_pretrained(bf16_dir)  # the CPU default: every tensor converted
+    assert fp32.dtype == torch.float32  # (read through one scratch buffer, reused from tensor to tensor)
     with safe_open(os.path.join(bf16_dir, "model.safetensors"), "pt") as f:
         for key, tensor in hf_state_dict(ours).items():
             assert torch.equal(f.get_tensor(key).to(tensor.dtype), tensor), key
+        for key, tensor in hf_state_dict(fp32).items():
+            assert tensor.dtype == torch.float32 and torch.equal(f.get_tensor(key).float(), tensor), key
     ours.save_pretrained(tmp_path / "ours-bf16")
     with safe_open(os.path.join(tmp_path / "ours-bf16", "model.safetensors"), "pt") as f:
         assert f.get_tensor("language_projection.weight").dtype == torch.bfloat16
