@@ -483,6 +483,7 @@ def main() -> None:
                         help="also add the report to this Markdown file, as a new section above the earlier runs")
     args = parser.parse_args()
     only = set(args.only)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     torch.manual_seed(0)
     peak, bandwidth = matmul_peak_gflops(), read_bandwidth_gbs()
     print(f"Machine: {machine()}\nfp32 matmul peak {peak:.0f} GFLOP/s, memory read {bandwidth:.1f} GB/s", flush=True)
@@ -508,7 +509,7 @@ def main() -> None:
         report += "\nf  loading a checkpoint (fresh processes):\n\n" + "\n".join(text) + "\n"
     print("\n" + report)
     if args.write:
-        write_report(args.write, report, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        write_report(args.write, report, started)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from PIL import Image
 from tiny_checkpoint import make_full_checkpoint
 
 import instructblip
+from instructblip import ops
 from instructblip.server import (
     ChatRequest,
     ImageError,
@@ -606,6 +607,31 @@ def test_disconnected_clients_stop_their_work_and_the_loop_stays_responsive(ckpt
         assert after - after_stream < 1000
         r = httpx.post(f"{base}/v1/chat/completions", json={**long, "max_tokens": 3, "min_tokens": 0}, timeout=30)
         assert r.status_code == 200  # the worker is free again
+
+
+@pytest.mark.skipif(not ops.HAS_ONEDNN, reason="this torch build has no oneDNN: weights are never packed")
+def test_batches_of_three_rows_pack_the_decoder_and_answer_the_same(ckpt, images, monkeypatch):
+    """The worker's own decoding loop packs the decoder's weights (ops.pack_for_decoding) for 3+ rows a step, as
+    `generate` does, and not for one row; the answers stay those of one request at a time. (The tiny model's LM head,
+    32064 x 32, is the layer wide enough to be packed.)"""
+    monkeypatch.setattr(ops, "PACK", True)
+    vlm = instructblip.load(ckpt)
+    head = vlm.model.language_model.lm_head
+    requests = [body(data_url(images[name]), "What?", max_tokens=4, temperature=0) for name in PHOTOS[:3]]
+    with live(create_app(vlm, model_name=MODEL, batch_wait=1.0)) as base:
+        alone = [httpx.post(f"{base}/v1/chat/completions", json=r, timeout=60).json() for r in requests]
+        assert not head.packed
+
+        async def together():
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                return await asyncio.gather(*[client.post("/v1/chat/completions", json=r) for r in requests])
+
+        batched = [r.json() for r in asyncio.run(together())]
+        metrics = httpx.get(f"{base}/metrics").text
+    assert metric(metrics, "instructblip_batch_size_count") == len(requests) + 1  # one at a time, then one batch
+    assert head.packed
+    assert [r["choices"][0]["message"]["content"] for r in batched] == [
+        r["choices"][0]["message"]["content"] for r in alone]
 
 
 def test_t5_batches_match_one_at_a_time(tmp_path_factory, images):

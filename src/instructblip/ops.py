@@ -151,8 +151,7 @@ def pack_weights(setting: str | None = None, capability: str | None = None) -> b
 PACK = pack_weights()
 PACK_ROWS = 16  # the row count oneDNN is told to expect when packing; every count from 2 gave the same speed
 MIN_PACKED_ROWS = 4  # fewer rows are padded to this many for a packed weight; see the module docstring
-PACK_DECODING_ROWS = 3  # a decoder's layers are packed for decoding this many sequences at once or more: see
-# `for_decoding`
+PACK_DECODING_ROWS = 3  # a decoder's layers are packed to decode this many sequences at once or more (for_decoding)
 _SWAP_LOCK = threading.Lock()
 
 
@@ -231,8 +230,9 @@ class Linear(nn.Linear):
 
     With packing on (`PACK`), the first call that needs no gradient (CPU, float32, oneDNN enabled, a weight of at
     least `MIN_WEIGHT` elements) swaps the weight, in place, for oneDNN's blocked copy of it, so the memory is not
-    doubled. Calls that need it plain (a gradient, another dtype or device, `load_state_dict`, `.to()`, `deepcopy`,
-    pickling) swap it back first; `state_dict()` hands out a plain copy. The Parameter object stays the same
+    doubled; a decoder's layers wait for `pack_for_decoding` instead (`autopack` False, see `for_decoding`). Calls
+    that need it plain (a gradient, another dtype or device, `load_state_dict`, `.to()`, `deepcopy`, pickling) swap
+    it back first; `state_dict()` hands out a plain copy. The Parameter object stays the same
     (optimizers keep it). `unpack(model)` below turns a whole model back.
     """
 
