@@ -358,6 +358,7 @@ class DecodeState:
     attention_mask: Tensor  # LLaMA: (N, filled) over the cached positions (the prompt's only, if not padded)
     positions: Tensor | None  # LLaMA: (N,) position of the last token fed; T5: None
     padded: bool = True  # LLaMA: whether the prompt has padding; without, the steps need no mask (one check here)
+    stepped: bool = False  # whether decode_step has run (its first call settles the weights' layout)
 
 
 def prefill(model, prompt: Prompt, max_new_tokens: int) -> tuple[DecodeState, Tensor]:
@@ -382,6 +383,9 @@ def prefill(model, prompt: Prompt, max_new_tokens: int) -> tuple[DecodeState, Te
 def decode_step(state: DecodeState, tokens: Tensor) -> Tensor:
     """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
     lm = state.lm
+    if not state.stepped:  # the first step has the most rows (rows only ever leave): 3+ pack the decoder (ops.py)
+        pack_for_decoding(lm, tokens.shape[0])
+        state.stepped = True
     if isinstance(lm, T5):
         hidden = lm.decode(tokens[:, None], None, state.attention_mask, None, state.cache)  # (N, 1, D)
     else:
@@ -623,7 +627,6 @@ def _start(model, pixel_values=None, qformer_input_ids=None, qformer_attention_m
         expand(state, index)
         logits, prefix = logits.index_select(0, index), prefix.index_select(0, index)
         ignore = ignore.index_select(0, index) if ignore is not None else None
-    pack_for_decoding(model.language_model, logits.shape[0])  # 3+ rows a step: the decoder's weights packed
     return _Run(state, logits, prefix, ignore, settings)
 
 

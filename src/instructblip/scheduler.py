@@ -48,7 +48,6 @@ from .generation import (
     suppress_tokens,
     warp,
 )
-from .ops import pack_for_decoding
 
 log = logging.getLogger("instructblip.server")
 
@@ -344,7 +343,6 @@ class Scheduler:
             logits = logits.index_select(0, index)
         rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
         N = len(rows)
-        pack_for_decoding(self.model.language_model, N)  # 3+ rows a step: the decoder's weights packed (ops.py)
         if self.is_encoder_decoder:  # T5: the penalties also see the decoder start token (as `generate`)
             start = self.model.config.text_config.decoder_start_token_id
             history = torch.full((N, 1), start, dtype=torch.long, device=device)
