@@ -40,8 +40,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from instructblip import ops
-from instructblip.quantize import available as quantize_available
+from instructblip.accel import cpu_linear as ops
+from instructblip.accel.quantize import available as quantize_available
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from instructblip import ops
+from instructblip.accel import cpu_linear as ops
 
 SHAPES = [  # (in, out): ViT-g qkv, fc1, fc2, proj; Q-Former cross k|v, fc1, fc2; small LLaMA qkv and LM head
     (1408, 4224), (1408, 6144), (6144, 1408), (1408, 1408), (1408, 1536), (768, 3072), (3072, 768), (512, 1536),

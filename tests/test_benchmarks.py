@@ -10,7 +10,8 @@ import torch
 from eval_fixtures import WRITERS, tiny_checkpoint, video_frames, write_frame_folder, write_video
 
 import instructblip
-from instructblip.benchmarks import (
+from instructblip.evaluation.runner import build_inputs, evaluate, predict
+from instructblip.evaluation.tasks import (
     BENCHMARKS,
     HELD_OUT,
     TABLE1,
@@ -21,7 +22,6 @@ from instructblip.benchmarks import (
     paper_row,
     read_frames,
 )
-from instructblip.evaluate import build_inputs, evaluate, predict
 
 
 @pytest.fixture(scope="module")

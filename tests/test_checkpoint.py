@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from test_model_parity import make_inputs
 
 from instructblip import CheckpointError, InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipModel
-from instructblip.checkpoint import hf_state_dict
+from instructblip.weights.checkpoint import hf_state_dict
 
 
 def _logits(model, inputs):

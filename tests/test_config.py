@@ -12,7 +12,7 @@ from instructblip import (
     LlamaConfig,
     T5Config,
 )
-from instructblip.config import PRESETS
+from instructblip.models.config import PRESETS
 
 
 def test_transformers_written_config_round_trips(hf_checkpoints, tmp_path):

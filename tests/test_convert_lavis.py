@@ -5,7 +5,7 @@ import torch
 from hf_oracle import LLAMA, T5, randomize
 
 from instructblip import CheckpointError, InstructBlipForConditionalGeneration
-from instructblip.convert_lavis import convert_lavis
+from instructblip.weights.lavis import convert_lavis
 
 D, HEADS, PATCH, IMAGE, BLOCKS = 32, 4, 6, 30, 3  # EVA file with 3 blocks; InstructBLIP keeps 2 (as 39 of 40)
 QD, QLAYERS, QVOCAB, QUERIES = 32, 3, 64, 4

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from train_helpers import color_image, one_thread, tiny_checkpoint, write_color_dataset
 
 from instructblip import IGNORE_INDEX, InstructBlipForConditionalGeneration, InstructBlipProcessor
-from instructblip.data import (
+from instructblip.processing.templates import (
+    CAPTION_TEMPLATES,
+    VQA_TEMPLATES,
+    VQG_TEMPLATES,
+    build_instruction,
+    canonical_task,
+    ocr_prefix,
+)
+from instructblip.training.data import (
     Collator,
     DataError,
     DataSource,
@@ -24,14 +32,6 @@ from instructblip.data import (
     parse_record,
     random_resized_crop,
     validation_batches,
-)
-from instructblip.templates import (
-    CAPTION_TEMPLATES,
-    VQA_TEMPLATES,
-    VQG_TEMPLATES,
-    build_instruction,
-    canonical_task,
-    ocr_prefix,
 )
 
 

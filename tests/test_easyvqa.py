@@ -22,7 +22,7 @@ DOC = ROOT / "docs" / "easyvqa.md"
 sys.path.insert(0, str(RECIPE_DIR))
 import recipe as R  # noqa: E402 - recipes/easyvqa/recipe.py
 
-from instructblip.pipeline import default_model_dir  # noqa: E402
+from instructblip.api import default_model_dir  # noqa: E402
 
 
 def _load(name: str):
@@ -40,7 +40,7 @@ def test_default_model_answers_50_easy_vqa_test_questions():
     import easy_vqa
 
     import instructblip
-    from instructblip.metrics import exact_match
+    from instructblip.evaluation.metrics import exact_match
 
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
@@ -139,7 +139,7 @@ def test_text_examples_of_the_llm_pre_training_are_right_and_balanced():
     """Stage 0b's text-only examples: the answer is the one the imagined image's facts give, the yes/no questions
     (and bare words) are answered yes half of the time, and every question type and both kinds of extra examples
     occur."""
-    from instructblip.templates import VQA_TEMPLATES
+    from instructblip.processing.templates import VQA_TEMPLATES
 
     questions, _ = R.load_split("train")
     rng = random.Random(0)
@@ -178,7 +178,7 @@ def _shape_colour(region: np.ndarray, background: np.ndarray) -> np.ndarray:
 
 
 def _qformer_ids(model_dir: Path) -> list[int]:
-    from instructblip.tokenization import Tokenizer
+    from instructblip.processing.tokenizers import Tokenizer
 
     return Tokenizer.from_pretrained(model_dir / "qformer_tokenizer")("is there a red shape?")["input_ids"]
 
@@ -188,7 +188,7 @@ def _shape_pixels(array: np.ndarray) -> int:
 
 
 def test_qformer_tokenizer_without_instruction_keeps_the_ids(tmp_path):
-    from instructblip.tokenization import Tokenizer
+    from instructblip.processing.tokenizers import Tokenizer
 
     questions, _ = R.load_split("test")
     vocab = R.train_qformer_vocab(R.text_corpus(questions[:200]), 400)

@@ -14,7 +14,7 @@ from eval_fixtures import tiny_checkpoint, write_gqa, write_hatefulmemes
 
 import instructblip
 from instructblip import cli
-from instructblip.evaluate import evaluate, format_table
+from instructblip.evaluation.runner import evaluate, format_table
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -55,7 +55,7 @@ def test_cli_writes_predictions_and_results(ckpt, data, tmp_path, capsys):
     assert results["settings"]["generation"]["num_beams"] == 5
     assert results["settings"]["image_processor"]["size"] == {"height": 224, "width": 224}
     assert results["paper"]["InstructBLIP (Vicuna-7B)"] == 49.2
-    correct = sum(instructblip.metrics.exact_match(r["prediction"], r["target"]) for r in records)
+    correct = sum(instructblip.evaluation.metrics.exact_match(r["prediction"], r["target"]) for r in records)
     assert results["score"] == pytest.approx(100 * correct / 3)
 
 

@@ -21,8 +21,7 @@ from hf_oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, hf_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from instructblip import InstructBlipForConditionalGeneration
-from instructblip.config import InstructBlipConfig
-from instructblip.generation import (
+from instructblip.generation.decode import (
     _topk_over_beams,
     apply_repetition_penalty,
     decode_step,
@@ -37,7 +36,8 @@ from instructblip.generation import (
     top_p_filter,
     warp,
 )
-from instructblip.t5 import T5
+from instructblip.models.config import InstructBlipConfig
+from instructblip.models.t5 import T5
 
 FAMILIES = ["llama", "t5"]
 EOS = {"llama": 2, "t5": 1}
@@ -344,7 +344,7 @@ def test_cached_decoding_equals_full_forward(hf_checkpoints, family, lengths):
 def test_rotary_tables_and_rotation_are_the_plain_formula():
     """The cache's rotary tables give exactly what `rotary` computes per call, and `_rotate` (halves swapped, signed
     sin) exactly the textbook x * cos + cat(-x2, x1) * sin, in float32 and bfloat16."""
-    from instructblip.llama import KVCache, _rotate, rope, rotary
+    from instructblip.models.llama import KVCache, _rotate, rope, rotary
 
     positions = torch.tensor([[0, 1, 5, 17], [3, 3, 4, 29]])
     for dtype in (torch.float32, torch.bfloat16):

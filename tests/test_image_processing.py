@@ -13,7 +13,7 @@ from assets import PHOTOS, encode, photo, png_header_only
 from PIL import Image, ImageFile
 from transformers import BlipImageProcessorPil
 
-from instructblip.image_processing import BlipImageProcessor, InstructBlipImageProcessor
+from instructblip.processing.image import BlipImageProcessor, InstructBlipImageProcessor
 
 ATOL = 1e-6
 

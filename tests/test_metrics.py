@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from instructblip import metrics
+from instructblip.evaluation import metrics
 
 
 def _lavis_vqa_eval():

@@ -139,7 +139,7 @@ def test_interpolate_pos_encoding_matches(hf_checkpoints):
 def test_vision_chunks_on_cpu_match_transformers(hf_checkpoints, monkeypatch):
     """On CPU a batch runs through the vision blocks a few images at a time (vision.CPU_CHUNK_ROWS): the same last
     state and hidden states as transformers' whole-batch pass, and the same gradients as our whole-batch pass."""
-    from instructblip import vision
+    from instructblip.models import vision
 
     theirs, directory = hf_checkpoints["t5"]
     ours = InstructBlipForConditionalGeneration.from_pretrained(directory)

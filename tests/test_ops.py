@@ -1,4 +1,4 @@
-"""The fast linear routes of `instructblip.ops` against `F.linear`, alone and inside whole models.
+"""The fast linear routes of `instructblip.accel.cpu_linear` against `F.linear`, alone and inside whole models.
 
 The tiny models of the other tests have weights below `ops.MIN_WEIGHT`, so they never take these routes; the models
 here are just wide enough (256) that every projection does: more than 16 rows go to oneDNN, decoding's few rows to
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from hf_oracle import wide_inputs, wide_model
 from torch.profiler import ProfilerActivity, profile
 
-from instructblip import InstructBlipForConditionalGeneration, ops
+from instructblip import InstructBlipForConditionalGeneration
+from instructblip.accel import cpu_linear as ops
 
 FAMILIES = ["llama", "t5"]
 EVERY = frozenset(range(1, ops.MAX_ROWS + 1))

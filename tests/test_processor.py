@@ -12,8 +12,8 @@ from assets import encode, make_checkpoint_dir, photo
 from PIL import Image
 from transformers import InstructBlipProcessor as HFProcessor
 
-from instructblip.processor import BatchFeature, InstructBlipProcessor
-from instructblip.tokenization import Tokenizer
+from instructblip.processing.processor import BatchFeature, InstructBlipProcessor
+from instructblip.processing.tokenizers import Tokenizer
 
 KEYS = ["qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "pixel_values"]
 TEXTS = ["What is unusual about this image?", "Describe the image in detail, please.", ""]

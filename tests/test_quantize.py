@@ -14,7 +14,7 @@ from hf_oracle import wide_inputs, wide_model
 
 import instructblip
 from instructblip import InstructBlipForConditionalGeneration
-from instructblip.quantize import Int8Linear, available
+from instructblip.accel.quantize import Int8Linear, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no fbgemm int8 kernels")
 

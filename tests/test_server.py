@@ -25,8 +25,8 @@ from PIL import Image
 from tiny_checkpoint import make_full_checkpoint
 
 import instructblip
-from instructblip import ops
-from instructblip.server import (
+from instructblip.accel import cpu_linear as ops
+from instructblip.serving.app import (
     ChatRequest,
     ImageError,
     ServerConfig,

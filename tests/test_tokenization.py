@@ -12,7 +12,7 @@ import torch
 from assets import llama_reference_cases, make_llama_dir, make_qformer_dir, make_t5_dir
 from transformers import AutoTokenizer
 
-from instructblip.tokenization import StreamDecoder, Tokenizer
+from instructblip.processing.tokenizers import StreamDecoder, Tokenizer
 
 KINDS = ("t5", "llama", "qformer", "qformer-json")
 

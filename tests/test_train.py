@@ -22,7 +22,7 @@ from train_helpers import (
 )
 
 from instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from instructblip.train import (
+from instructblip.training.train import (
     TrainConfig,
     checkpoint_dirs,
     learning_rate,
@@ -84,7 +84,7 @@ def test_weight_decay_skips_biases_and_norms():
 def test_progress_bar_only_on_a_tty_or_when_asked(tmp_path, capsys):
     import dataclasses
 
-    from instructblip.train import Logger
+    from instructblip.training.train import Logger
 
     config = TrainConfig(model="m", train_data=["d.jsonl"], output_dir=str(tmp_path), max_steps=10,
                          tensorboard=False)
@@ -274,7 +274,7 @@ def test_bad_configs_give_clear_errors(tmp_path, content, error):
 def test_shipped_presets_are_valid_configs():
     from pathlib import Path
 
-    from instructblip.train import config_from_dict, load_yaml
+    from instructblip.training.train import config_from_dict, load_yaml
 
     presets = sorted((Path(__file__).parent.parent / "configs" / "train").glob("*.yaml"))
     assert len(presets) >= 2

@@ -119,7 +119,7 @@ def run(command: list[str], timeout: float = 120, **env: str) -> subprocess.Comp
 
 def trained_state(output_dir: Path) -> dict:
     """The trained weights of the newest checkpoint of a run."""
-    from instructblip.train import checkpoint_dirs, load_checkpoint
+    from instructblip.training.train import checkpoint_dirs, load_checkpoint
 
     return load_checkpoint(checkpoint_dirs(str(output_dir))[-1][1])["trainable"]
 

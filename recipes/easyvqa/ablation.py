@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def eval_sets(config: dict, limit: int | None) -> dict[str, list]:
     """The four evaluation sets (lists of the adapter's `Sample`s, ranking candidates attached later)."""
-    from instructblip.benchmarks import get_benchmark
-    from instructblip.templates import VQA_TEMPLATES
+    from instructblip.evaluation.tasks import get_benchmark
+    from instructblip.processing.templates import VQA_TEMPLATES
 
     samples = get_benchmark("easy-vqa", mode="rank").load(None, "test")  # candidates: the 13 answers
     held_out = [VQA_TEMPLATES[i] for i in config["held_out_templates"]]
@@ -97,7 +97,7 @@ def prepare_base(work: Path, args: argparse.Namespace, config: dict) -> tuple[Pa
     """Data, tokenizers, initial model, stages 0, 0b and 1 (as run.py; stage 2's records rendered with the held-in
     templates only), shared by every stage-2 run: the ablation is about stage 2.
     Returns (stage-1 model, stage-2 sources, Q-Former vocabulary file)."""
-    from instructblip.templates import VQA_TEMPLATES
+    from instructblip.processing.templates import VQA_TEMPLATES
 
     spec = R.load_yaml(R.HERE / "model.yaml")
     data = R.load_yaml(R.HERE / "data.yaml")

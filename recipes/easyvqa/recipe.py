@@ -1,8 +1,9 @@
 """The easy-vqa recipe's building blocks: data, tokenizers, the initial model, the two training stages, evaluation.
 
 `run.py` chains them into the recipe (`make easyvqa`), `ablation.py` into the paper's ablation in miniature; the
-YAML files next to this one hold every number. Training goes through `instructblip.train` (its `TrainConfig` and
-loop) and evaluation through `instructblip.evaluate` (the easy-vqa adapter); this file only prepares what they read:
+YAML files next to this one hold every number. Training goes through `instructblip.training.train` (its
+`TrainConfig` and loop) and evaluation through `instructblip.evaluation.runner` (the easy-vqa adapter); this file only
+prepares what they read:
 
 - **Data.** easy-vqa's 38,575 training questions are split by question type (`QUESTION_TYPES`), one JSONL source per
   type, so that the trainer's sqrt balancing treats the types as the paper treats datasets; a caption source
@@ -214,14 +215,14 @@ def write_image_variants(paths: dict[int, str], out_dir: str | Path, variants: i
 
 
 def render(template: str, question: str) -> str:
-    from instructblip.templates import build_instruction
+    from instructblip.processing.templates import build_instruction
 
     return build_instruction("vqa", random.Random(0), question=question, template=template)
 
 
 def stage1_templates(data: dict) -> list[str]:
     """Stage 1's prompts (`data.yaml` stage1_templates: indices into the paper's VQA templates)."""
-    from instructblip.templates import VQA_TEMPLATES
+    from instructblip.processing.templates import VQA_TEMPLATES
 
     return [VQA_TEMPLATES[i] for i in data["stage1_templates"]]
 
@@ -236,7 +237,7 @@ def write_sources(out_dir: str | Path, questions: list[tuple[str, str, int]], va
     majority a model can fall back on (easy-vqa's "is there a red shape?" is "no" 88% of the time, "does the image
     not contain a red shape?" "yes" 88%: without this, a small model learns the prior and never looks for the
     colour). `templates` None: "vqa" records,
-    whose template the trainer draws per sample from the paper's 10 (`instructblip.templates`); a list: the
+    whose template the trainer draws per sample from the paper's 10 (`instructblip.processing.templates`); a list: the
     instruction is rendered here with a template drawn from that list ("instruction" records), so that a set of
     templates can be held out. Captions are "caption" records (the paper's 13 caption templates, drawn per sample).
     """
@@ -296,8 +297,8 @@ QFORMER_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 def text_corpus(questions: Iterable[tuple[str, str, int]]) -> list[str]:
     """What the tokenizers are trained on: the questions, answers and captions of the training split, and the
     instruction templates (with their slots removed)."""
-    from instructblip.benchmarks.base import VQA_PROMPT
-    from instructblip.templates import CAPTION_TEMPLATES, VQA_TEMPLATES
+    from instructblip.evaluation.tasks.base import VQA_PROMPT
+    from instructblip.processing.templates import CAPTION_TEMPLATES, VQA_TEMPLATES
 
     questions = list(questions)
     lines = sorted({q for q, _, _ in questions} | {a for _, a, _ in questions})
@@ -396,7 +397,7 @@ def set_qformer_instruction(model_dir: str | Path, vocab_file: str | Path, reads
 def model_config(spec: dict, llm_tokenizer_dir: str | Path, qformer_vocab_size: int):
     """The `InstructBlipConfig` of `model.yaml`, with the token ids of the trained tokenizers."""
     from instructblip import InstructBlipConfig
-    from instructblip.tokenization import Tokenizer
+    from instructblip.processing.tokenizers import Tokenizer
 
     tok = Tokenizer.from_pretrained(str(llm_tokenizer_dir))
     ids = {t: tok.backend.token_to_id(t) for t in LLM_SPECIAL}
@@ -425,7 +426,7 @@ def write_initial_model(directory: str | Path, spec: dict, llm_tokenizer_dir: st
                         seed: int, reads_instruction: bool) -> None:
     """A complete HF-layout checkpoint directory with random (seeded) weights and the recipe's processor."""
     from instructblip import InstructBlipForConditionalGeneration
-    from instructblip.image_processing import InstructBlipImageProcessor
+    from instructblip.processing.image import InstructBlipImageProcessor
 
     directory = Path(directory)
     shutil.rmtree(directory, ignore_errors=True)
@@ -497,7 +498,7 @@ def pretrain_vision(model_dir: str | Path, caption_source: str | Path, out_dir: 
     (multi-label, one logit per caption word: a bag-of-words image-text objective). Writes the checkpoint with the
     trained ViT to `out_dir/model` (the head is dropped) and returns that directory; skipped when it exists."""
     from instructblip import InstructBlipForConditionalGeneration
-    from instructblip.image_processing import InstructBlipImageProcessor
+    from instructblip.processing.image import InstructBlipImageProcessor
 
     out = Path(out_dir) / "model"
     if (out / "model.safetensors").is_file():
@@ -559,7 +560,7 @@ def text_example(questions: list[tuple[str, str, int]], rng: random.Random, temp
     likely and only a comparison answers them."""
     facts = {"color": rng.choice(COLORS), "shape": rng.choice(SHAPES)}
     if rng.random() < caption_share:
-        from instructblip.templates import CAPTION_TEMPLATES
+        from instructblip.processing.templates import CAPTION_TEMPLATES
 
         return facts, rng.choice(CAPTION_TEMPLATES), caption_of(facts)
     if rng.random() < word_share:  # the bare word: "red" -> is it the image's colour?
@@ -597,9 +598,9 @@ def pretrain_language_model(model_dir: str | Path, questions: list[tuple[str, st
     read the facts from the query positions and compare them with the question's words; stage 1 then teaches the
     Q-Former to write the facts of real images there. Writes `out_dir/model` and returns it; skipped when it exists."""
     from instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
-    from instructblip.data import Collator
-    from instructblip.model import IGNORE_INDEX
-    from instructblip.templates import VQA_TEMPLATES
+    from instructblip.models.instructblip import IGNORE_INDEX
+    from instructblip.processing.templates import VQA_TEMPLATES
+    from instructblip.training.data import Collator
 
     out = Path(out_dir) / "model"
     if (out / "model.safetensors").is_file():
@@ -677,10 +678,10 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def run_stage(stage: dict, model_dir: str | Path, sources: list[dict], output_dir: str | Path, **overrides: Any):
-    """One training stage through `instructblip.train`: the stage's YAML values (TrainConfig keys, plus
+    """One training stage through `instructblip.training.train`: the stage's YAML values (TrainConfig keys, plus
     `source_weights`: {source name: manual weight on its sqrt-balanced probability}), the starting model, the data
     sources and the output directory; resumes an interrupted stage, skips a finished one."""
-    from instructblip.train import config_from_dict, train
+    from instructblip.training.train import config_from_dict, train
 
     export = Path(output_dir) / "model"
     if (export / "model.safetensors").is_file() and (export / "train_config.json").is_file():
@@ -708,10 +709,10 @@ def sha256(path: str | Path) -> str:
 
 def evaluate_model(model_dir: str | Path, mode: str, output_dir: str | Path | None, samples=None,
                    limit: int | None = None, batch_size: int = 64, prompt: str | None = None) -> dict:
-    """The evaluation harness's easy-vqa adapter on the test split (`instructblip.evaluate`); `samples`: a custom
-    list of its `Sample`s (e.g. other prompts), else the whole split. Adds accuracy per question type."""
-    from instructblip.evaluate import evaluate
-    from instructblip.metrics import exact_match
+    """The evaluation harness's easy-vqa adapter on the test split (`instructblip.evaluation.runner`); `samples`: a
+    custom list of its `Sample`s (e.g. other prompts), else the whole split. Adds accuracy per question type."""
+    from instructblip.evaluation.metrics import exact_match
+    from instructblip.evaluation.runner import evaluate
 
     results = evaluate(str(model_dir), "easy-vqa", split="test", mode=mode, limit=limit, output_dir=output_dir,
                        batch_size=batch_size, samples=samples, prompt=prompt, progress=False)

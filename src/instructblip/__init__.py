@@ -4,8 +4,9 @@ The public names match transformers' (`InstructBlipConfig`, `InstructBlipForCond
 written for transformers runs with only its import line changed.
 """
 
-from .checkpoint import CheckpointError
-from .config import (
+from instructblip.api import InstructBlip, load
+from instructblip.hub import CheckpointNotFoundError
+from instructblip.models.config import (
     ConfigError,
     InstructBlipConfig,
     InstructBlipQFormerConfig,
@@ -13,14 +14,18 @@ from .config import (
     LlamaConfig,
     T5Config,
 )
-from .hub import CheckpointNotFoundError
-from .image_processing import BlipImageProcessor, InstructBlipImageProcessor
-from .model import IGNORE_INDEX, InstructBlipForConditionalGeneration, InstructBlipModel, build_labels
-from .pipeline import InstructBlip, load
-from .processor import BatchFeature, InstructBlipProcessor
-from .qformer import InstructBlipQFormerModel
-from .tokenization import Tokenizer
-from .vision import InstructBlipVisionModel
+from instructblip.models.instructblip import (
+    IGNORE_INDEX,
+    InstructBlipForConditionalGeneration,
+    InstructBlipModel,
+    build_labels,
+)
+from instructblip.models.qformer import InstructBlipQFormerModel
+from instructblip.models.vision import InstructBlipVisionModel
+from instructblip.processing.image import BlipImageProcessor, InstructBlipImageProcessor
+from instructblip.processing.processor import BatchFeature, InstructBlipProcessor
+from instructblip.processing.tokenizers import Tokenizer
+from instructblip.weights.checkpoint import CheckpointError
 
 __version__ = "0.1.0"
 

@@ -144,7 +144,7 @@ def _generation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
-    from .pipeline import load
+    from instructblip.api import load
 
     return load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
@@ -183,11 +183,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import _Reader
-    from .config import InstructBlipConfig
-    from .hub import resolve_checkpoint_dir
-    from .model import InstructBlipForConditionalGeneration
-    from .pipeline import default_model_dir
+    from instructblip.api import default_model_dir
+    from instructblip.hub import resolve_checkpoint_dir
+    from instructblip.models.config import InstructBlipConfig
+    from instructblip.models.instructblip import InstructBlipForConditionalGeneration
+    from instructblip.weights.checkpoint import _Reader
 
     directory = resolve_checkpoint_dir(args.model or default_model_dir())
     config = InstructBlipConfig.from_pretrained(directory)
@@ -225,7 +225,7 @@ def _bytes(n: float) -> str:
 
 
 def cmd_convert_lavis(args: argparse.Namespace) -> int:
-    from .convert_lavis import convert_lavis
+    from instructblip.weights.lavis import convert_lavis
 
     report = convert_lavis(args.lavis_checkpoint, args.vision, args.llm, args.out, image_size=args.image_size,
                            qformer_tokenizer=args.qformer_tokenizer, max_shard_size=args.max_shard_size)
@@ -391,9 +391,9 @@ COMMANDS = {"ask": cmd_ask, "caption": cmd_caption, "batch": cmd_batch, "info": 
             "convert-lavis": cmd_convert_lavis, "bench": cmd_bench}
 # commands with flags of their own: module.main(argv) parses the rest of the command line
 DELEGATED = {
-    "train": ("instructblip.train", "instruction-tune a model (torchrun-ready)"),
-    "eval": ("instructblip.evaluate", "zero-shot evaluation on the paper's benchmarks"),
-    "serve": ("instructblip.server", "an OpenAI-compatible HTTP server with a web page"),
+    "train": ("instructblip.training.train", "instruction-tune a model (torchrun-ready)"),
+    "eval": ("instructblip.evaluation.runner", "zero-shot evaluation on the paper's benchmarks"),
+    "serve": ("instructblip.serving.app", "an OpenAI-compatible HTTP server with a web page"),
 }
 
 
@@ -408,9 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = args.command
         run = lambda: COMMANDS[command](args)  # noqa: E731
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .hub import CheckpointNotFoundError
+    from instructblip.hub import CheckpointNotFoundError
+    from instructblip.models.config import ConfigError
+    from instructblip.weights.checkpoint import CheckpointError
 
     try:
         return run()

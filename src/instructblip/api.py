@@ -1,0 +1,172 @@
+"""The simple Python API: `instructblip.load(...)` and an object that answers questions about images.
+
+    import instructblip
+    vlm = instructblip.load("Salesforce/instructblip-flan-t5-xl")   # or a local directory; None: the default model
+    vlm.ask("photo.jpg", "What is unusual about this image?")
+    vlm.ask(["a.jpg", "b.jpg"], ["What colour is the car?", "How many people?"])   # batched
+    vlm.caption("photo.jpg")
+    vlm.rank("photo.jpg", "Is it raining?", ["yes", "no"])
+
+Images may be paths, PIL images, numpy arrays, tensors or encoded bytes. The vision encoder's output is cached per
+image (bounded), so several instructions about one image run the vision encoder once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from instructblip.models.instructblip import InstructBlipForConditionalGeneration
+from instructblip.processing.processor import InstructBlipProcessor
+
+# LAVIS's generate() defaults (RECIPE.md §2.3), with max_length read as new tokens
+ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0)
+# LAVIS's captioning configs: beam 5, max 80, min 10; the paper's NoCaps/Flickr prompt
+CAPTION_PROMPT = "A short image description:"
+CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=80, min_new_tokens=10, repetition_penalty=1.5, length_penalty=1.0)
+
+
+def default_model_dir() -> str:
+    """The model used when none is named: the small model shipped inside the package."""
+    return os.path.join(os.path.dirname(__file__), "default_model")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """'auto': fp32 on CPU (half precision is slow without native bf16), bf16 on GPUs that support it."""
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+@dataclass
+class Ranking:
+    """`best`: the winning candidate; `scores`: log-likelihood per candidate (higher is better)."""
+
+    best: str
+    scores: dict[str, float]
+
+
+class InstructBlip:
+    """A loaded model with its processor. Build it with `instructblip.load`."""
+
+    def __init__(self, model: InstructBlipForConditionalGeneration, processor: InstructBlipProcessor,
+                 vision_cache_size: int = 64):
+        self.model = model.eval()
+        self.processor = processor
+        if vision_cache_size:
+            self.model.enable_vision_cache(vision_cache_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _inputs(self, images: Sequence[Any], instructions: Sequence[str]):
+        inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt")
+        return inputs.to(self.device, dtype=self.model.dtype)
+
+    @staticmethod
+    def _batch(images: Any, instructions: Any) -> tuple[list, list[str], bool]:
+        """Normalise (one image, one instruction) or lists into lists; True when the caller gave a list."""
+        many = isinstance(images, (list, tuple))
+        images = list(images) if many else [images]
+        if isinstance(instructions, str):
+            instructions = [instructions] * len(images)
+        elif not isinstance(instructions, (list, tuple)) or not all(isinstance(t, str) for t in instructions):
+            raise ValueError("instruction must be a string or a list of strings")
+        if len(instructions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions; give one per image")
+        if not images:
+            raise ValueError("no images given")
+        return images, list(instructions), many
+
+    def ask(self, image: Any, instruction: str | Sequence[str], **generation: Any) -> str | list[str]:
+        """Answer an instruction about an image (or lists of both, answered as one batch)."""
+        images, instructions, many = self._batch(image, instruction)
+        if any(not t.strip() for t in instructions):
+            raise ValueError("the instruction is empty; ask something (or use caption())")
+        answers = self._generate(images, instructions, {**self._defaults(ASK_DEFAULTS), **generation})
+        return answers if many else answers[0]
+
+    def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **generation: Any) -> str | list[str]:
+        """Describe an image (or a list of images) with the paper's captioning prompt and settings."""
+        images, prompts, many = self._batch(image, prompt)
+        answers = self._generate(images, prompts, {**self._defaults(CAPTION_DEFAULTS), **generation})
+        return answers if many else answers[0]
+
+    def _generate(self, images: list, instructions: list[str], generation: dict) -> list[str]:
+        inputs = self._inputs(images, instructions)
+        tokens = self.model.generate(**inputs, **generation)
+        return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    def stream(self, image: Any, instruction: str, **generation: Any) -> Iterator[str]:
+        """Yield the answer in pieces as it is generated (greedy unless do_sample=True; one image)."""
+        from instructblip.generation.decode import stream
+
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError("the instruction must be a non-empty string")
+        settings = {**self._defaults(ASK_DEFAULTS), **generation, "num_beams": 1}
+        inputs = self._inputs([image], [instruction])
+        yield from stream(self.model, self.processor.tokenizer, **inputs, **settings)
+
+    def _defaults(self, defaults: dict) -> dict:
+        """The default settings, with max_new_tokens at most half the context of a decoder-only LLM (the small
+        default model has 256 positions), so that the prompt keeps the rest."""
+        text = self.model.config.text_config
+        if text.is_encoder_decoder:
+            return defaults
+        return {**defaults, "max_new_tokens": min(defaults["max_new_tokens"], text.max_position_embeddings // 2)}
+
+    def rank(self, image: Any, instruction: str, candidates: Sequence[str], reduction: str = "sum") -> Ranking:
+        """Pick the candidate answer with the highest log-likelihood (the paper's vocabulary ranking)."""
+        if not candidates or not all(isinstance(c, str) and c for c in candidates):
+            raise ValueError("candidates must be a non-empty list of non-empty strings")
+        inputs = self._inputs([image], [instruction])
+        result = self.model.rank(inputs, list(candidates), tokenizer=self.processor.tokenizer, reduction=reduction)
+        scores = {c: float(s) for c, s in zip(candidates, result.scores[0].tolist(), strict=True)}
+        return Ranking(best=candidates[int(result.best[0])], scores=scores)
+
+
+def load(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
+         dtype: str | torch.dtype | None = "auto", vision_cache_size: int = 64,
+         quantize: str | None = None) -> InstructBlip:
+    """Load a model directory or hub id (None: the default model shipped with the package).
+
+    quantize="int8": int8 dynamic quantization of the language model for CPU inference (quantize.py); with
+    device="auto" it picks the CPU, and it needs float32 ("auto" on the CPU)."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; use int8 (CPU inference) or leave it out")
+    path = default_model_dir() if model is None else model
+    if quantize:
+        if device not in (None, "auto") and torch.device(device).type != "cpu":
+            raise ValueError(f"--quantize int8 runs on the CPU only, not {torch.device(device).type}; use --device "
+                             "cpu, or drop --quantize on a GPU (bf16 is the fast path there)")
+        device = "cpu"
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if quantize and torch_dtype != torch.float32:
+        raise ValueError(f"--quantize int8 needs float32 weights to quantize from, not {dtype}; use --dtype float32")
+    weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device)
+    if quantize:
+        weights.quantize_int8()
+    processor = InstructBlipProcessor.from_pretrained(path)
+    return InstructBlip(weights, processor, vision_cache_size=vision_cache_size)

@@ -1,0 +1,336 @@
+"""The composite InstructBLIP: vision encoder -> instruction-aware Q-Former -> projection -> language model.
+
+Image features enter the language model in one of two ways, chosen by `config.image_token_index`:
+- set (transformers >= 4.45 / 5.x checkpoints): the processor writes `num_query_tokens` `<image>` ids into the
+  prompt and their embeddings are replaced, in order, by the projected query outputs;
+- None (2023 checkpoints, LAVIS): the features are prepended to the prompt embeddings, the mask extended with ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from instructblip.accel.cpu_linear import Linear
+from instructblip.models.config import InstructBlipConfig
+from instructblip.models.llama import Llama
+from instructblip.models.outputs import EncoderOutput, ImageFeaturesOutput, InstructBlipOutput
+from instructblip.models.qformer import InstructBlipQFormerModel
+from instructblip.models.t5 import T5
+from instructblip.models.vision import InstructBlipVisionModel
+
+IGNORE_INDEX = -100
+
+
+class InstructBlipModel(nn.Module):
+    """InstructBLIP without the LM head: `forward` returns the language model's last hidden state."""
+
+    main_input_name = "pixel_values"
+    has_lm_head = False
+
+    def __init__(self, config: InstructBlipConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = InstructBlipVisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = InstructBlipQFormerModel(config.qformer_config)
+        text = config.text_config
+        self.language_projection = Linear(config.qformer_config.hidden_size, text.hidden_size)
+        if text.is_encoder_decoder:
+            self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
+        else:
+            self.language_model = Llama(text, lm_head=self.has_lm_head)
+        self.vision_cache: VisionCache | None = None
+        self.quantized: str | None = None  # "int8" after quantize_int8()
+
+    def quantize_int8(self):
+        """int8 dynamic quantization of the language model for CPU float32 inference, in place (see quantize.py)."""
+        from instructblip.accel.quantize import quantize_int8
+
+        return quantize_int8(self)
+
+    def enable_vision_cache(self, max_images: int = 64) -> None:
+        """Keep the vision encoder's output for the last `max_images` images (keyed by their pixel values), so that
+        several instructions about one image run the vision encoder once. Used only without gradients."""
+        self.vision_cache = VisionCache(max_images) if max_images > 0 else None
+
+    # ---- loading and saving (HF layout; see checkpoint.py) ----
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu", **kwargs):
+        """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
+        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`."""
+        from instructblip.weights.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        from instructblip.weights.checkpoint import save_pretrained
+
+        if not safe_serialization:
+            raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
+        if self.quantized:
+            raise ValueError(f"this model is {self.quantized}-quantized, for inference only; save the float32 model "
+                             "and quantize it after loading")
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    # ---- small conveniences ----
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_projection.weight.device
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def gradient_checkpointing_enable(self, vision: bool = True, qformer: bool = True, language_model: bool = True):
+        """Recompute activations in the backward pass, per sub-model."""
+        self.vision_model.gradient_checkpointing = vision
+        self.qformer.gradient_checkpointing = qformer
+        if isinstance(self.language_model, T5):
+            self.language_model.encoder.gradient_checkpointing = language_model
+            self.language_model.decoder.gradient_checkpointing = language_model
+        else:
+            self.language_model.gradient_checkpointing = language_model
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing_enable(False, False, False)
+
+    # ---- the three steps ----
+
+    def get_image_features(
+        self,
+        pixel_values: Tensor,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        **_: object,
+    ) -> ImageFeaturesOutput:
+        """Steps 1-3: image -> vision features -> Q-Former (queries + instruction) -> projected query outputs
+        (B, num_query_tokens, text hidden size) in `pooler_output`."""
+        if self.vision_cache is not None and not output_hidden_states and not torch.is_grad_enabled():
+            vision = self.vision_cache.encode(self.vision_model, pixel_values, interpolate_pos_encoding)
+        else:
+            vision = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       output_hidden_states=output_hidden_states)
+        image_embeds = vision.last_hidden_state  # (B, 1 + patches, D_vision)
+        B = image_embeds.shape[0]
+        queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, D_qformer)
+        mask = None
+        if qformer_input_ids is not None:
+            if qformer_input_ids.shape[0] != B:
+                raise ValueError(
+                    f"{B} images but {qformer_input_ids.shape[0]} Q-Former instructions; pass one instruction per image"
+                )
+            if qformer_attention_mask is not None:
+                ones = torch.ones(B, queries.shape[1], dtype=qformer_attention_mask.dtype,
+                                  device=qformer_attention_mask.device)
+                mask = torch.cat([ones, qformer_attention_mask], dim=1)  # (B, Q + T): every query is valid
+        qformer = self.qformer(
+            input_ids=qformer_input_ids,
+            attention_mask=mask,
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        query_output = qformer.last_hidden_state[:, : queries.shape[1]]  # (B, Q, D_qformer)
+        features = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return ImageFeaturesOutput(pooler_output=features, vision_outputs=vision, qformer_outputs=qformer)
+
+    def merge_image_features(
+        self,
+        image_features: Tensor,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Put the image features (B, Q, D) into the prompt embeddings. Returns (inputs_embeds, attention_mask)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (the tokenized prompt) or inputs_embeds")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        B, L, _ = inputs_embeds.shape
+        if image_features.shape[0] != B:
+            raise ValueError(f"{image_features.shape[0]} images but {B} prompts; pass one prompt per image")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        token = self.config.image_token_index
+        if token is None:  # legacy: prepend
+            ones = torch.ones(B, image_features.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
+            return torch.cat([image_features, inputs_embeds], 1), torch.cat([ones, attention_mask], 1)  # (B, Q + L, D)
+        if input_ids is not None:
+            where = input_ids == token  # (B, L)
+        else:  # find the rows that hold the <image> embedding
+            image_embedding = self.get_input_embeddings().weight[token].to(inputs_embeds.dtype)
+            where = (inputs_embeds == image_embedding).all(-1)
+        counts = where.sum(1)
+        Q = image_features.shape[1]
+        if not bool((counts == Q).all()):
+            raise ValueError(
+                f"each prompt must hold exactly {Q} image tokens (id {token}); found {counts.tolist()}. "
+                "Build the inputs with InstructBlipProcessor, which inserts them"
+            )
+        return inputs_embeds.masked_scatter(where[..., None], image_features), attention_mask
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        image_features: Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        output_hidden_states: bool = False,
+        **_: object,
+    ) -> InstructBlipOutput:
+        """Logits (and the loss, given `labels`) for a batch; the semantics of transformers 5.x.
+
+        `labels`: decoder-only models: the full input length with IGNORE_INDEX (-100) where no loss is wanted (image,
+        prompt and pad positions; see `build_labels`); in the legacy prepend scheme, labels of the text length are also
+        accepted. T5: the decoder targets; `decoder_input_ids` default to them shifted right.
+        `image_features`: precomputed `get_image_features(...).pooler_output`, to skip the vision and Q-Former steps.
+        """
+        vision_out = qformer_out = None
+        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values (or precomputed image_features)")
+            feats = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                            interpolate_pos_encoding, output_hidden_states)
+            image_features, vision_out, qformer_out = feats.pooler_output, feats.vision_outputs, feats.qformer_outputs
+        elif pixel_values is not None:
+            raise ValueError("pass either pixel_values or precomputed image features, not both")
+        embeds, mask = self.merge_image_features(image_features, input_ids, attention_mask, inputs_embeds)
+        lm = self.language_model
+        out = InstructBlipOutput(vision_outputs=vision_out, qformer_outputs=qformer_out)
+        if isinstance(lm, T5):
+            encoder_hidden = lm.encode(embeds, mask)
+            if decoder_input_ids is None:
+                if labels is None:
+                    raise ValueError("a T5 model needs decoder_input_ids or labels")
+                decoder_input_ids = lm.shift_right(labels)
+            hidden = lm.decode(decoder_input_ids, encoder_hidden, mask, decoder_attention_mask)
+            out.encoder_last_hidden_state = encoder_hidden
+        else:
+            hidden = lm(embeds, mask)
+        if not self.has_lm_head:
+            out.last_hidden_state = hidden
+            return out
+        logits = lm.logits(hidden)
+        out.logits = logits
+        if labels is not None:
+            out.loss = self._loss(logits, labels, is_t5=isinstance(lm, T5))
+        return out
+
+    def _loss(self, logits: Tensor, labels: Tensor, is_t5: bool) -> Tensor:
+        labels = labels.to(logits.device)
+        if not is_t5:
+            L = logits.shape[1]
+            if labels.shape[1] == L - self.config.num_query_tokens and self.config.image_token_index is None:
+                labels = F.pad(labels, (self.config.num_query_tokens, 0), value=IGNORE_INDEX)  # text-only labels
+            if labels.shape[1] != L:
+                raise ValueError(f"labels have length {labels.shape[1]}; the model input has {L} positions")
+            labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class InstructBlipForConditionalGeneration(InstructBlipModel):
+    """InstructBLIP with the language model's head: logits, loss, `generate` and `rank`."""
+
+    has_lm_head = True
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> Tensor:
+        """Generate with a KV cache; returns the new tokens only. See `instructblip.generation.decode.generate`."""
+        from instructblip.generation.decode import generate
+
+        return generate(self, **kwargs)
+
+    @torch.no_grad()
+    def rank(self, inputs: dict, candidates, **kwargs):
+        """Score candidate answers by log-likelihood. See `instructblip.generation.decode.rank`."""
+        from instructblip.generation.decode import rank
+
+        return rank(self, inputs, candidates, **kwargs)
+
+
+class VisionCache:
+    """A bounded LRU cache of vision-encoder outputs keyed by a hash of each image's pixel values."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+        self.entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixels: Tensor, interpolate: bool) -> tuple:
+        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return hashlib.sha1(data).hexdigest(), tuple(pixels.shape), interpolate
+
+    def encode(self, vision_model: InstructBlipVisionModel, pixel_values: Tensor, interpolate: bool):
+        keys = [self.key(p, interpolate) for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = {}
+        if missing:
+            unique = list(dict.fromkeys(keys[i] for i in missing))  # the same image twice in a batch: encode once
+            first = [keys.index(k) for k in unique]
+            out = vision_model(pixel_values[first], interpolate_pos_encoding=interpolate).last_hidden_state
+            fresh = dict(zip(unique, out, strict=True))
+        rows = []
+        for k in keys:
+            row = fresh.get(k)
+            if row is None:
+                row = self.entries[k]
+                self.entries.move_to_end(k)
+            rows.append(row)
+        for k, row in fresh.items():
+            self.entries[k] = row
+            if len(self.entries) > self.max_images:
+                self.entries.popitem(last=False)
+        stacked = torch.stack(rows)  # (B, 1 + patches, D_vision)
+        return EncoderOutput(last_hidden_state=stacked, pooler_output=vision_model.post_layernorm(stacked[:, 0]))
+
+
+def build_labels(input_ids: Tensor, attention_mask: Tensor | None = None, prompt_lengths: Tensor | None = None,
+                 image_token_id: int | None = None) -> Tensor:
+    """Training labels from input ids: IGNORE_INDEX at padding, at `<image>` tokens and at the first
+    `prompt_lengths[b]` real tokens of each row (the prompt); the rest (the answer) is learned.
+
+    Works for left or right padding. For T5, pass the decoder targets and their mask, without prompt lengths.
+    """
+    labels = input_ids.clone()
+    ignore = torch.zeros_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        ignore |= attention_mask == 0
+    if image_token_id is not None:
+        ignore |= input_ids == image_token_id
+    if prompt_lengths is not None:
+        real = (~ignore).long().cumsum(1)  # 1-based index among real, non-image tokens
+        ignore |= real <= torch.as_tensor(prompt_lengths, device=input_ids.device)[:, None]
+    return labels.masked_fill(ignore, IGNORE_INDEX)

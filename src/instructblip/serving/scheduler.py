@@ -1,0 +1,590 @@
+"""The batching worker behind `instructblip serve`: one thread owns the model, requests wait in a bounded queue and
+run in batches.
+
+One round of the worker:
+1. gather: wait for a request, then up to `batch_wait` seconds for more, at most `max_batch_size` requests;
+   requests whose client went away or whose deadline passed while they waited are dropped.
+2. encode every image of the round at once (vision encoder + Q-Former; the model's vision cache, keyed by pixel
+   content, skips images it has seen recently).
+3. decode:
+   - greedy and sampled requests share one loop, whatever their settings: every row has its own max_tokens,
+     min_tokens, temperature, top_p, top_k, repetition penalty, seed and stop strings, and stops on its own (eos,
+     max_tokens, a stop string, its client gone, its deadline); finished rows leave the batch (the KV cache is
+     compacted), so a long answer does not make the short ones wait. Sampling with `n` > 1 gives n rows; greedy
+     `n` > 1 decodes one row and returns n copies.
+   - beam-search requests go through `generation.generate`, one call per group of identical settings (beam search
+     keeps a single length limit per call), after the sampled ones. Stop strings cut the finished text; a client that
+     goes away is noticed between groups, not inside a search.
+4. results go back through each request's `emit` callback (called from this thread) as lists of events:
+   `TextDelta` / `ChoiceEnd` while streaming, then `Completed`, or `Failed`.
+
+The per-row logits processing is `generation`'s, in transformers' order (repetition penalty, eos suppressed before
+min_tokens, then temperature -> top-k -> top-p when sampling), so a request decoded here alone gives the tokens
+`generation.generate` gives for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from instructblip.generation.decode import (
+    apply_repetition_penalty,
+    decode_step,
+    default_eos_ids,
+    expand,
+    generate,
+    prefill,
+    prepare_prompt,
+    sample,
+    suppress_tokens,
+    warp,
+)
+
+log = logging.getLogger("instructblip.serving.app")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what a request asks for, and what comes back
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request, already validated. Lengths count new tokens."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off (OpenAI has no top_k)
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    n: int = 1  # choices; beam search: the n best beams
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def beam(self) -> bool:
+        return self.num_beams > 1
+
+    def beam_group(self) -> tuple:
+        """Beam-search requests run together only with identical settings (stop strings are applied afterwards)."""
+        seed = self.seed if self.do_sample else None
+        return (self.max_new_tokens, self.min_new_tokens, self.do_sample, self.temperature, self.top_p, self.top_k,
+                self.num_beams, self.length_penalty, self.repetition_penalty, self.n, seed)
+
+
+@dataclass
+class TextDelta:
+    index: int  # choice index
+    text: str
+
+
+@dataclass
+class ChoiceEnd:
+    index: int
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    tokens: int  # tokens the model produced for this choice (eos included, the tokens of a stop string too)
+
+
+@dataclass
+class Completed:
+    choices: list[Choice]
+
+
+@dataclass
+class Failed:
+    status: int  # the HTTP status the server answers with
+    message: str
+    code: str
+
+
+Event = TextDelta | ChoiceEnd | Completed | Failed
+
+
+@dataclass
+class Job:
+    """One chat completion as the worker sees it. `emit` is called from the worker thread with a list of events."""
+
+    pixel_values: Tensor  # (3, H, W) float32, preprocessed
+    qformer_input_ids: list[int]  # the instruction in the Q-Former's vocabulary, special tokens included
+    input_ids: list[int]  # the language model's prompt: the `<image>` ids (if any), then the text ids
+    image_tokens: int  # how many leading ids of `input_ids` are `<image>` ids (kept in front when padding)
+    params: SamplingParams
+    emit: Callable[[list[Event]], None]
+    stream: bool = False
+    deadline: float = float("inf")  # time.monotonic() after which the request has timed out
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False  # Completed or Failed was emitted
+    emitted_text: bool = False  # some streamed text went out (the job cannot be run again after a failure)
+
+    def send(self, events: list[Event]) -> None:
+        if self.finished or not events:
+            return
+        if any(isinstance(e, (Completed, Failed)) for e in events):
+            self.finished = True
+        if any(isinstance(e, TextDelta) for e in events):
+            self.emitted_text = True
+        try:
+            self.emit(events)
+        except Exception:  # the receiving side is gone (event loop closed): nothing left to tell
+            log.debug("could not deliver events", exc_info=True)
+
+    def fail(self, status: int, message: str, code: str) -> None:
+        self.send([Failed(status, message, code)])
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests already."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler is stopping and takes no new requests."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the worker
+
+
+class Scheduler:
+    """Runs `Job`s on `model` in one worker thread, in batches. `start()` it, `submit()` jobs, `stop()` it.
+
+    Args:
+        model: an `InstructBlipForConditionalGeneration` (in eval mode; its vision cache, if enabled, is used).
+        processor: the `InstructBlipProcessor` whose tokenizers built the jobs' ids (pad ids and sides, decoding).
+        max_batch_size: most requests run together.
+        max_queue: most requests waiting; `submit` raises `QueueFull` beyond.
+        batch_wait: seconds to wait for more requests once one has arrived (0: take what is there).
+        on_batch: called with the number of requests of every batch run (metrics).
+    """
+
+    def __init__(self, model, processor, max_batch_size: int = 16, max_queue: int = 64, batch_wait: float = 0.005,
+                 on_batch: Callable[[int], None] | None = None):
+        if max_batch_size < 1 or max_queue < 1 or batch_wait < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait >= 0")
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batch_wait = batch_wait
+        self.on_batch = on_batch
+        self.eos = default_eos_ids(model.config)
+        text = model.config.text_config
+        self.is_encoder_decoder = bool(text.is_encoder_decoder)
+        self.llm_pad = _pad_id(self.tokenizer, text.pad_token_id, self.eos)
+        self.qformer_pad = _pad_id(processor.qformer_tokenizer, None, [0])
+        self.batches = 0
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="instructblip-worker", daemon=True)
+
+    # ---- the outside ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail the waiting jobs (503), stop the running ones at their next step, and end the thread."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            job.fail(503, "the server is shutting down", "shutting_down")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown()
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull()
+            self._queue.append(job)
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    # ---- the thread ----
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                jobs = self._gather()
+                if jobs is None:
+                    return
+                if jobs:
+                    self._run_batch(jobs)
+
+    def _gather(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            until = time.monotonic() + self.batch_wait
+            while len(self._queue) < self.max_batch_size and not self._stopping:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            jobs = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        return [job for job in jobs if self._still_wanted(job)]
+
+    def _still_wanted(self, job: Job) -> bool:
+        if job.cancelled.is_set() or job.finished:
+            return False
+        if job.expired():
+            job.fail(504, "the request timed out", "timeout")
+            return False
+        return True
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
+        try:
+            self._execute(jobs)
+        except Exception:
+            log.exception("a batch of %d requests failed", len(jobs))
+            # isolate the request that breaks the batch: run the others again, one at a time
+            for job in jobs:
+                if job.finished:
+                    continue
+                if len(jobs) == 1 or job.emitted_text:
+                    job.fail(500, "the model failed on this request", "internal_error")
+                    continue
+                try:
+                    self._execute([job])
+                except Exception:
+                    log.exception("a request failed on its own")
+                    job.fail(500, "the model failed on this request", "internal_error")
+        for job in jobs:  # a job the worker dropped without a word (it should not happen): tell its client
+            if not job.finished and not job.cancelled.is_set():
+                job.fail(500, "the request ended without a result", "internal_error")
+
+    def _execute(self, jobs: list[Job]) -> None:
+        features = self._encode(jobs)  # (B, Q, D)
+        sampled = [i for i, job in enumerate(jobs) if not job.params.beam]
+        if sampled:
+            self._decode([jobs[i] for i in sampled], features[sampled])
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job.params.beam:
+                groups.setdefault(job.params.beam_group(), []).append(i)
+        for members in groups.values():
+            live = [i for i in members if self._still_wanted(jobs[i])]
+            if live:
+                self._beam_search([jobs[i] for i in live], features[live])
+
+    # ---- steps ----
+
+    def _encode(self, jobs: list[Job]) -> Tensor:
+        model = self.model
+        pixels = torch.stack([job.pixel_values for job in jobs]).to(model.device, model.dtype)
+        side = self.processor.qformer_tokenizer.padding_side
+        ids, mask = pad([job.qformer_input_ids for job in jobs], self.qformer_pad, side, model.device)
+        return model.get_image_features(pixels, ids, mask).pooler_output
+
+    def _prompt(self, jobs: list[Job], features: Tensor):
+        ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
+        return prepare_prompt(self.model, image_features=features, input_ids=ids, attention_mask=mask)
+
+    def _decode(self, jobs: list[Job], features: Tensor) -> None:
+        """Greedy and sampled requests together; see the module docstring."""
+        prompt = self._prompt(jobs, features)
+        longest = max(job.params.max_new_tokens for job in jobs)
+        state, logits = prefill(self.model, prompt, longest)
+        device = logits.device
+        rows: list[_Row] = []
+        source: list[int] = []
+        for b, job in enumerate(jobs):
+            p = job.params
+            generator = None
+            if p.do_sample:
+                seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
+                generator = torch.Generator(device=device).manual_seed(seed)
+            copies = p.n if p.do_sample else 1
+            for c in range(copies):
+                rows.append(_Row(self, job, [c] if p.do_sample else list(range(p.n)), generator))
+                source.append(b)
+        if len(rows) != len(jobs):
+            index = torch.tensor(source, device=device)
+            expand(state, index)
+            logits = logits.index_select(0, index)
+        rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
+        N = len(rows)
+        if self.is_encoder_decoder:  # T5: the penalties also see the decoder start token (as `generate`)
+            start = self.model.config.text_config.decoder_start_token_id
+            history = torch.full((N, 1), start, dtype=torch.long, device=device)
+        else:
+            history = torch.empty(N, 0, dtype=torch.long, device=device)
+        eos = torch.tensor(self.eos, dtype=torch.long, device=device)
+
+        for t in range(longest):
+            if t > 0:
+                logits = decode_step(state, history[:, -1])
+            tokens = self._next_tokens(logits, history, rows, t, eos)  # (N,)
+            history = torch.cat([history, tokens[:, None]], 1)
+            for row, token in zip(rows, tokens.tolist(), strict=True):
+                row.step(token)
+            self._check_jobs(rows)
+            self._deliver(rows, rows_of)
+            keep = [i for i, row in enumerate(rows) if not row.done]
+            if not keep:
+                break
+            if len(keep) < len(rows):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                expand(state, index)
+                history = history.index_select(0, index)
+                rows = [rows[i] for i in keep]
+
+    def _check_jobs(self, rows: list[_Row]) -> None:
+        """Stop the rows of jobs that were cancelled, timed out, or that a shutdown interrupts."""
+        for row in rows:
+            job = row.job
+            if row.done:
+                continue
+            if self._stopping:
+                job.fail(503, "the server is shutting down", "shutting_down")
+            elif job.expired() and not job.finished:
+                job.fail(504, "the request timed out", "timeout")
+            if job.cancelled.is_set() or job.finished:
+                row.done = True
+
+    @staticmethod
+    def _deliver(rows: list[_Row], rows_of: dict[int, list[_Row]]) -> None:
+        """Send each job the events of this step, with `Completed` once all of its rows are done."""
+        by_job: dict[int, tuple[Job, list[Event]]] = {}
+        for row in rows:
+            job, events = by_job.setdefault(id(row.job), (row.job, []))
+            events.extend(row.pending)
+            row.pending = []
+        for job_id, (job, events) in by_job.items():
+            mine = rows_of[job_id]
+            if all(r.done for r in mine) and not job.finished and not job.cancelled.is_set():
+                choices = [Choice(i, r.text, r.finish_reason, r.count) for r in mine for i in r.indices]
+                events.append(Completed(sorted(choices, key=lambda c: c.index)))
+            job.send(events)
+
+    def _next_tokens(self, logits: Tensor, history: Tensor, rows: list[_Row], t: int, eos: Tensor) -> Tensor:
+        """One token per row; the rows of one job are adjacent and share its settings (and its generator)."""
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        start = 0
+        while start < len(rows):
+            job, end = rows[start].job, start + 1
+            while end < len(rows) and rows[end].job is job:
+                end += 1
+            p = job.params
+            scores = apply_repetition_penalty(logits[start:end], history[start:end], p.repetition_penalty)
+            if t < p.min_new_tokens:
+                scores = suppress_tokens(scores, eos)
+            if p.do_sample:
+                scores = warp(scores, p.temperature, p.top_k, p.top_p)
+                tokens[start:end] = sample(scores, rows[start].generator)
+            else:
+                tokens[start:end] = scores.argmax(-1)
+            start = end
+        return tokens
+
+    def _beam_search(self, jobs: list[Job], features: Tensor) -> None:
+        p = jobs[0].params  # the group shares every setting but the stop strings
+        ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
+        generator = None
+        if p.do_sample:
+            seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
+            generator = torch.Generator(device=features.device).manual_seed(seed)
+        out = generate(self.model, image_features=features, input_ids=ids, attention_mask=mask,
+                       max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens, do_sample=p.do_sample,
+                       temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, num_beams=p.num_beams,
+                       num_return_sequences=p.n, length_penalty=p.length_penalty,
+                       repetition_penalty=p.repetition_penalty, eos_token_id=self.eos, generator=generator)
+        eos = set(self.eos)
+        for b, job in enumerate(jobs):
+            if job.cancelled.is_set() or job.finished:
+                continue
+            choices = []
+            for c in range(p.n):
+                row = out[b * p.n + c].tolist()
+                end = next((i for i, token in enumerate(row) if token in eos), None)
+                ids_ = row if end is None else row[:end]
+                text, cut = self.decode(ids_), None
+                if job.params.stop:
+                    cut = _first_stop(text, job.params.stop)
+                if cut is not None:
+                    tokens = _tokens_until(self, ids_, job.params.stop)
+                    choices.append(Choice(c, text[:cut], "stop", tokens))
+                elif end is not None:
+                    choices.append(Choice(c, text, "stop", end + 1))
+                else:
+                    choices.append(Choice(c, text, "length", len(row)))
+            job.send([Completed(choices)])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class _Row:
+    """One decoded sequence of a job (greedy `n` > 1: one row serves every choice index)."""
+
+    def __init__(self, scheduler: Scheduler, job: Job, indices: list[int], generator: torch.Generator | None):
+        self.scheduler = scheduler
+        self.job = job
+        self.indices = indices
+        self.generator = generator
+        self.ids: list[int] = []  # generated tokens, eos excluded
+        self.count = 0  # tokens generated, eos included
+        self.text = ""  # the decoded text (kept up to date only when streaming or with stop strings)
+        self.sent = ""  # the part of it already streamed
+        self.done = False
+        self.finish_reason = "stop"
+        self.pending: list[Event] = []  # events of this step, collected by `Scheduler._deliver`
+
+    @property
+    def live_text(self) -> bool:
+        return self.job.stream or bool(self.job.params.stop)
+
+    def step(self, token: int) -> None:
+        if self.done:
+            return
+        p = self.job.params
+        self.count += 1
+        if token in self.scheduler.eos:
+            self._finish("stop")
+            return
+        self.ids.append(token)
+        if self.live_text:
+            self.text = self.scheduler.decode(self.ids)
+            cut = _first_stop(self.text, p.stop)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self._finish("stop")
+                return
+        if self.count >= p.max_new_tokens:
+            self._finish("length")
+        elif self.job.stream:
+            self._stream(final=False)
+
+    def _finish(self, reason: str) -> None:
+        self.done = True
+        self.finish_reason = reason
+        if not self.live_text:
+            self.text = self.scheduler.decode(self.ids)
+        if self.job.stream:
+            self._stream(final=True)
+            self.pending += [ChoiceEnd(i, reason) for i in self.indices]
+
+    def _stream(self, final: bool) -> None:
+        """Queue the text not yet streamed. Held back until more tokens come: an incomplete character, a decode that
+        rewrote streamed text, and a tail that could be the start of a stop string."""
+        text = self.text
+        if not final:
+            if text.endswith("\ufffd") or not text.startswith(self.sent):
+                return
+            text = text[: len(text) - _stop_prefix_overlap(text, self.job.params.stop)]
+        if len(text) <= len(self.sent) and text.startswith(self.sent):
+            return
+        delta = text[len(self.sent):] if text.startswith(self.sent) else text[_common_prefix(text, self.sent):]
+        self.sent = text
+        if delta:
+            self.pending += [TextDelta(i, delta) for i in self.indices]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def pad(rows: list[list[int]], pad_id: int, side: str, device) -> tuple[Tensor, Tensor]:
+    """Id lists -> (ids, mask) (B, L) padded on `side`."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(L - len(r), L) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_prompts(jobs: list[Job], pad_id: int, side: str, device) -> tuple[Tensor, Tensor]:
+    """The language-model prompts padded as `InstructBlipProcessor` pads a batch: the text ids are padded, then the
+    `<image>` ids go in front of every row."""
+    texts = [job.input_ids[job.image_tokens:] for job in jobs]
+    ids, mask = pad(texts, pad_id, side, "cpu")
+    images = [job.input_ids[: job.image_tokens] for job in jobs]
+    if any(images):
+        if len({len(i) for i in images}) != 1:
+            raise ValueError("every prompt of a batch must hold the same number of image tokens")
+        ids = torch.cat([torch.tensor(images, dtype=torch.long), ids], 1)
+        mask = torch.cat([torch.ones(len(jobs), len(images[0]), dtype=torch.long), mask], 1)
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer, configured: int | None, fallback: list[int]) -> int:
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = configured
+    if pad_id is None:
+        pad_id = fallback[0] if fallback else 0
+    return int(pad_id)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_overlap(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest tail of `text` that is a proper prefix of a stop string (held back when streaming)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _tokens_until(scheduler: Scheduler, ids: list[int], stops: Sequence[str]) -> int:
+    """How many tokens it takes for a stop string to appear in the decoded text."""
+    for k in range(1, len(ids) + 1):
+        if _first_stop(scheduler.decode(ids[:k]), stops) is not None:
+            return k
+    return len(ids)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
