@@ -191,20 +191,27 @@ def test_gradient_checkpointing_gives_same_gradients(hf_checkpoints):
 
 
 def test_vision_cache_runs_the_encoder_once_per_image(hf_checkpoints):
+    """The cache lives outside the model (generation.features): the model takes the cached vision outputs."""
+    from instructblip.generation.features import VisionCache, image_features
+
     _, directory = hf_checkpoints["t5"]
     model = InstructBlipForConditionalGeneration.from_pretrained(directory)
     inputs = make_inputs("t5")
     with torch.no_grad():
         plain = model(**inputs).logits
-    model.enable_vision_cache(max_images=8)
+    cache = VisionCache(max_images=8)
     calls = []
     model.vision_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    rest = {k: v for k, v in inputs.items() if k not in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")}
     with torch.no_grad():
         for _ in range(5):  # five "instructions" about the same three images
-            torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
+            features = image_features(model, inputs["pixel_values"], inputs["qformer_input_ids"],
+                                      inputs["qformer_attention_mask"], cache=cache)
+            torch.testing.assert_close(model(image_features=features, **rest).logits, plain, atol=0, rtol=0)
     assert calls == [3]  # the vision encoder ran once, on the three images
-    assert (model.vision_cache.hits, model.vision_cache.misses) == (12, 3)
-    model.enable_vision_cache(max_images=2)  # bounded: only the last two images are kept
+    assert (cache.hits, cache.misses) == (12, 3)
+    cache = VisionCache(max_images=2)  # bounded: only the last two images are kept
     with torch.no_grad():
-        model(**inputs)
-    assert len(model.vision_cache.entries) == 2
+        image_features(model, inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"],
+                       cache=cache)
+    assert len(cache.entries) == 2

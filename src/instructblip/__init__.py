@@ -6,6 +6,7 @@ written for transformers runs with only its import line changed.
 
 from instructblip.api import InstructBlip, load
 from instructblip.hub import CheckpointNotFoundError
+from instructblip.modeling import InstructBlipForConditionalGeneration, InstructBlipModel
 from instructblip.models.config import (
     ConfigError,
     InstructBlipConfig,
@@ -14,12 +15,7 @@ from instructblip.models.config import (
     LlamaConfig,
     T5Config,
 )
-from instructblip.models.instructblip import (
-    IGNORE_INDEX,
-    InstructBlipForConditionalGeneration,
-    InstructBlipModel,
-    build_labels,
-)
+from instructblip.models.instructblip import IGNORE_INDEX, build_labels
 from instructblip.models.qformer import InstructBlipQFormerModel
 from instructblip.models.vision import InstructBlipVisionModel
 from instructblip.processing.image import BlipImageProcessor, InstructBlipImageProcessor

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from instructblip.models.instructblip import InstructBlipForConditionalGeneration
+from instructblip.generation.features import VisionCache, image_features
+from instructblip.modeling import InstructBlipForConditionalGeneration
 from instructblip.processing.processor import InstructBlipProcessor
 
 # LAVIS's generate() defaults (RECIPE.md §2.3), with max_length read as new tokens
@@ -73,16 +74,21 @@ class InstructBlip:
                  vision_cache_size: int = 64):
         self.model = model.eval()
         self.processor = processor
-        if vision_cache_size:
-            self.model.enable_vision_cache(vision_cache_size)
+        self.vision_cache = VisionCache(vision_cache_size) if vision_cache_size > 0 else None
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def _inputs(self, images: Sequence[Any], instructions: Sequence[str]):
+    def _inputs(self, images: Sequence[Any], instructions: Sequence[str]) -> dict:
+        """The processor's output with the pixels replaced by the image features (the vision cache consulted)."""
         inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt")
-        return inputs.to(self.device, dtype=self.model.dtype)
+        inputs = dict(inputs.to(self.device, dtype=self.model.dtype))
+        with torch.inference_mode():
+            features = image_features(self.model, inputs.pop("pixel_values"), inputs.pop("qformer_input_ids", None),
+                                      inputs.pop("qformer_attention_mask", None), cache=self.vision_cache)
+        inputs["image_features"] = features.clone()  # an ordinary tensor, outside inference mode
+        return inputs
 
     @staticmethod
     def _batch(images: Any, instructions: Any) -> tuple[list, list[str], bool]:

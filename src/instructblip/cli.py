@@ -185,8 +185,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from instructblip.api import default_model_dir
     from instructblip.hub import resolve_checkpoint_dir
+    from instructblip.modeling import InstructBlipForConditionalGeneration
     from instructblip.models.config import InstructBlipConfig
-    from instructblip.models.instructblip import InstructBlipForConditionalGeneration
     from instructblip.weights.checkpoint import _Reader
 
     directory = resolve_checkpoint_dir(args.model or default_model_dir())

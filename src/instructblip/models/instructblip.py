@@ -8,10 +8,6 @@ Image features enter the language model in one of two ways, chosen by `config.im
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,11 +23,17 @@ from instructblip.models.vision import InstructBlipVisionModel
 IGNORE_INDEX = -100
 
 
-class InstructBlipModel(nn.Module):
-    """InstructBLIP without the LM head: `forward` returns the language model's last hidden state."""
+class InstructBlipNetwork(nn.Module):
+    """The network: vision encoder, query tokens, Q-Former, projection and language model, with `forward` (logits and
+    loss, or the last hidden state without an LM head). Loading, saving, generation and ranking are added by the
+    public classes in `instructblip.modeling`, which subclass this one.
+
+    `image_embeds` (the vision encoder's output) may be passed to `get_image_features` and `forward` instead of
+    `pixel_values`: the callers that cache vision features (`generation.features.VisionCache`) do so.
+    """
 
     main_input_name = "pixel_values"
-    has_lm_head = False
+    has_lm_head = True
 
     def __init__(self, config: InstructBlipConfig):
         super().__init__()
@@ -45,41 +47,7 @@ class InstructBlipModel(nn.Module):
             self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
         else:
             self.language_model = Llama(text, lm_head=self.has_lm_head)
-        self.vision_cache: VisionCache | None = None
-        self.quantized: str | None = None  # "int8" after quantize_int8()
-
-    def quantize_int8(self):
-        """int8 dynamic quantization of the language model for CPU float32 inference, in place (see quantize.py)."""
-        from instructblip.accel.quantize import quantize_int8
-
-        return quantize_int8(self)
-
-    def enable_vision_cache(self, max_images: int = 64) -> None:
-        """Keep the vision encoder's output for the last `max_images` images (keyed by their pixel values), so that
-        several instructions about one image run the vision encoder once. Used only without gradients."""
-        self.vision_cache = VisionCache(max_images) if max_images > 0 else None
-
-    # ---- loading and saving (HF layout; see checkpoint.py) ----
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device = "cpu", **kwargs):
-        """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
-        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`."""
-        from instructblip.weights.checkpoint import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
-
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                        safe_serialization: bool = True) -> None:
-        from instructblip.weights.checkpoint import save_pretrained
-
-        if not safe_serialization:
-            raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
-        if self.quantized:
-            raise ValueError(f"this model is {self.quantized}-quantized, for inference only; save the float32 model "
-                             "and quantize it after loading")
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
+        self.quantized: str | None = None  # "int8" after accel.quantize_int8()
 
     # ---- small conveniences ----
 
@@ -114,17 +82,19 @@ class InstructBlipModel(nn.Module):
 
     def get_image_features(
         self,
-        pixel_values: Tensor,
+        pixel_values: Tensor | None = None,
         qformer_input_ids: Tensor | None = None,
         qformer_attention_mask: Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        vision_outputs: EncoderOutput | None = None,
         **_: object,
     ) -> ImageFeaturesOutput:
         """Steps 1-3: image -> vision features -> Q-Former (queries + instruction) -> projected query outputs
-        (B, num_query_tokens, text hidden size) in `pooler_output`."""
-        if self.vision_cache is not None and not output_hidden_states and not torch.is_grad_enabled():
-            vision = self.vision_cache.encode(self.vision_model, pixel_values, interpolate_pos_encoding)
+        (B, num_query_tokens, text hidden size) in `pooler_output`. `vision_outputs`: the vision encoder's output
+        for these images, computed earlier (a cache); then `pixel_values` is not read."""
+        if vision_outputs is not None:
+            vision = vision_outputs
         else:
             vision = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        output_hidden_states=output_hidden_states)
@@ -255,66 +225,6 @@ class InstructBlipModel(nn.Module):
                 raise ValueError(f"labels have length {labels.shape[1]}; the model input has {L} positions")
             labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-
-
-class InstructBlipForConditionalGeneration(InstructBlipModel):
-    """InstructBLIP with the language model's head: logits, loss, `generate` and `rank`."""
-
-    has_lm_head = True
-
-    @torch.no_grad()
-    def generate(self, **kwargs) -> Tensor:
-        """Generate with a KV cache; returns the new tokens only. See `instructblip.generation.decode.generate`."""
-        from instructblip.generation.decode import generate
-
-        return generate(self, **kwargs)
-
-    @torch.no_grad()
-    def rank(self, inputs: dict, candidates, **kwargs):
-        """Score candidate answers by log-likelihood. See `instructblip.generation.decode.rank`."""
-        from instructblip.generation.decode import rank
-
-        return rank(self, inputs, candidates, **kwargs)
-
-
-class VisionCache:
-    """A bounded LRU cache of vision-encoder outputs keyed by a hash of each image's pixel values."""
-
-    def __init__(self, max_images: int):
-        self.max_images = max_images
-        self.entries: OrderedDict[tuple, Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(pixels: Tensor, interpolate: bool) -> tuple:
-        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        return hashlib.sha1(data).hexdigest(), tuple(pixels.shape), interpolate
-
-    def encode(self, vision_model: InstructBlipVisionModel, pixel_values: Tensor, interpolate: bool):
-        keys = [self.key(p, interpolate) for p in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self.entries]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        fresh = {}
-        if missing:
-            unique = list(dict.fromkeys(keys[i] for i in missing))  # the same image twice in a batch: encode once
-            first = [keys.index(k) for k in unique]
-            out = vision_model(pixel_values[first], interpolate_pos_encoding=interpolate).last_hidden_state
-            fresh = dict(zip(unique, out, strict=True))
-        rows = []
-        for k in keys:
-            row = fresh.get(k)
-            if row is None:
-                row = self.entries[k]
-                self.entries.move_to_end(k)
-            rows.append(row)
-        for k, row in fresh.items():
-            self.entries[k] = row
-            if len(self.entries) > self.max_images:
-                self.entries.popitem(last=False)
-        stacked = torch.stack(rows)  # (B, 1 + patches, D_vision)
-        return EncoderOutput(last_hidden_state=stacked, pooler_output=vision_model.post_layernorm(stacked[:, 0]))
 
 
 def build_labels(input_ids: Tensor, attention_mask: Tensor | None = None, prompt_lengths: Tensor | None = None,

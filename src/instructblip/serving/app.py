@@ -727,7 +727,8 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     model, processor = vlm.model, vlm.processor
     metrics = Metrics()
     scheduler = Scheduler(model, processor, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                          batch_wait=config.batch_wait, on_batch=metrics.observe_batch)
+                          batch_wait=config.batch_wait, on_batch=metrics.observe_batch,
+                          vision_cache=getattr(vlm, "vision_cache", None))
     text_config = model.config.text_config
     context = None if text_config.is_encoder_decoder else text_config.max_position_embeddings
     qformer_limit = model.config.qformer_config.max_position_embeddings
@@ -813,7 +814,7 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     @app.get("/metrics")
     async def metrics_page(request: Request):
         authorize(request)
-        text = metrics.render(scheduler.queue_depth, getattr(model, "vision_cache", None))
+        text = metrics.render(scheduler.queue_depth, scheduler.vision_cache)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---- chat completions ----

@@ -4,7 +4,7 @@ run in batches.
 One round of the worker:
 1. gather: wait for a request, then up to `batch_wait` seconds for more, at most `max_batch_size` requests;
    requests whose client went away or whose deadline passed while they waited are dropped.
-2. encode every image of the round at once (vision encoder + Q-Former; the model's vision cache, keyed by pixel
+2. encode every image of the round at once (vision encoder + Q-Former; the vision cache, keyed by pixel
    content, skips images it has seen recently).
 3. decode:
    - greedy and sampled requests share one loop, whatever their settings: every row has its own max_tokens,
@@ -48,6 +48,7 @@ from instructblip.generation.decode import (
     suppress_tokens,
     warp,
 )
+from instructblip.generation.features import VisionCache, image_features
 
 log = logging.getLogger("instructblip.serving.app")
 
@@ -170,16 +171,17 @@ class Scheduler:
     """Runs `Job`s on `model` in one worker thread, in batches. `start()` it, `submit()` jobs, `stop()` it.
 
     Args:
-        model: an `InstructBlipForConditionalGeneration` (in eval mode; its vision cache, if enabled, is used).
+        model: an `InstructBlipForConditionalGeneration` in eval mode.
         processor: the `InstructBlipProcessor` whose tokenizers built the jobs' ids (pad ids and sides, decoding).
         max_batch_size: most requests run together.
         max_queue: most requests waiting; `submit` raises `QueueFull` beyond.
         batch_wait: seconds to wait for more requests once one has arrived (0: take what is there).
         on_batch: called with the number of requests of every batch run (metrics).
+        vision_cache: vision-encoder outputs kept across requests (`generation.features.VisionCache`), or None.
     """
 
     def __init__(self, model, processor, max_batch_size: int = 16, max_queue: int = 64, batch_wait: float = 0.005,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, vision_cache: VisionCache | None = None):
         if max_batch_size < 1 or max_queue < 1 or batch_wait < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait >= 0")
         self.model = model
@@ -189,6 +191,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.batch_wait = batch_wait
         self.on_batch = on_batch
+        self.vision_cache = vision_cache
         self.eos = default_eos_ids(model.config)
         text = model.config.text_config
         self.is_encoder_decoder = bool(text.is_encoder_decoder)
@@ -313,7 +316,7 @@ class Scheduler:
         pixels = torch.stack([job.pixel_values for job in jobs]).to(model.device, model.dtype)
         side = self.processor.qformer_tokenizer.padding_side
         ids, mask = pad([job.qformer_input_ids for job in jobs], self.qformer_pad, side, model.device)
-        return model.get_image_features(pixels, ids, mask).pooler_output
+        return image_features(model, pixels, ids, mask, cache=self.vision_cache)
 
     def _prompt(self, jobs: list[Job], features: Tensor):
         ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)

@@ -58,8 +58,9 @@ import torch.distributed as dist
 from torch import nn
 
 from instructblip.evaluation.metrics import exact_match, vqa_accuracy
+from instructblip.modeling import InstructBlipForConditionalGeneration
 from instructblip.models.config import InstructBlipConfig
-from instructblip.models.instructblip import IGNORE_INDEX, InstructBlipForConditionalGeneration
+from instructblip.models.instructblip import IGNORE_INDEX
 from instructblip.processing.processor import InstructBlipProcessor
 from instructblip.training.data import (
     Collator,

@@ -1,0 +1,66 @@
+"""The public model classes, with transformers' names: the network of `models.instructblip` plus loading and saving
+(`weights`), the CPU speed routes applied after loading (`accel`), generation and ranking (`generation`).
+
+They live here, above those subpackages, so that `models/` imports none of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from instructblip.models.instructblip import InstructBlipNetwork
+
+
+class InstructBlipModel(InstructBlipNetwork):
+    """InstructBLIP without the LM head: `forward` returns the language model's last hidden state."""
+
+    has_lm_head = False
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu", **kwargs):
+        """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
+        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`."""
+        from instructblip.weights.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        from instructblip.weights.checkpoint import save_pretrained
+
+        if not safe_serialization:
+            raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
+        if self.quantized:
+            raise ValueError(f"this model is {self.quantized}-quantized, for inference only; save the float32 model "
+                             "and quantize it after loading")
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    def quantize_int8(self):
+        """int8 dynamic quantization of the language model for CPU float32 inference, in place (accel/quantize.py)."""
+        from instructblip.accel.quantize import quantize_int8
+
+        return quantize_int8(self)
+
+
+class InstructBlipForConditionalGeneration(InstructBlipModel):
+    """InstructBLIP with the language model's head: logits, loss, `generate` and `rank`."""
+
+    has_lm_head = True
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> Tensor:
+        """Generate with a KV cache; returns the new tokens only. See `instructblip.generation.generate`."""
+        from instructblip.generation.decode import generate
+
+        return generate(self, **kwargs)
+
+    @torch.no_grad()
+    def rank(self, inputs: dict, candidates, **kwargs):
+        """Score candidate answers by log-likelihood. See `instructblip.generation.rank`."""
+        from instructblip.generation.decode import rank
+
+        return rank(self, inputs, candidates, **kwargs)
