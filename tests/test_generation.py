@@ -21,21 +21,9 @@ from hf_oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, hf_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from instructblip import InstructBlipForConditionalGeneration
-from instructblip.generation.decode import (
-    _topk_over_beams,
-    apply_repetition_penalty,
-    decode_step,
-    default_eos_ids,
-    generate,
-    incremental_text,
-    prefill,
-    prepare_prompt,
-    rank,
-    stream,
-    top_k_filter,
-    top_p_filter,
-    warp,
-)
+from instructblip.generation import default_eos_ids, generate, incremental_text, prepare_prompt, rank, stream
+from instructblip.generation.beam import _topk_over_beams
+from instructblip.generation.logits import apply_repetition_penalty, top_k_filter, top_p_filter, warp
 from instructblip.models.config import InstructBlipConfig
 from instructblip.models.t5 import T5
 
@@ -331,10 +319,12 @@ def test_cached_decoding_equals_full_forward(hf_checkpoints, family, lengths):
     new = ours.generate(**inputs, max_new_tokens=T, eos_token_id=[])  # no stopping: every step is a real token
     assert new.shape == (len(lengths), T)
     with torch.no_grad():
-        state, logits = prefill(ours, prepare_prompt(ours, **inputs), T)
+        prompt = prepare_prompt(ours, **inputs)
+        lm = ours.language_model
+        state, logits = lm.prefill(prompt.inputs_embeds, prompt.attention_mask, T)
         steps = [logits]
         for t in range(1, T):
-            steps.append(decode_step(state, new[:, t - 1]))
+            steps.append(lm.step(state, new[:, t - 1]))
         full = full_forward_logits(ours, inputs, new)
     cached = torch.stack(steps, 1)  # (B, T, V)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)

@@ -126,7 +126,7 @@ class InstructBlip:
 
     def stream(self, image: Any, instruction: str, **generation: Any) -> Iterator[str]:
         """Yield the answer in pieces as it is generated (greedy unless do_sample=True; one image)."""
-        from instructblip.generation.decode import stream
+        from instructblip.generation import stream
 
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("the instruction must be a non-empty string")

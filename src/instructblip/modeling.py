@@ -54,13 +54,13 @@ class InstructBlipForConditionalGeneration(InstructBlipModel):
     @torch.no_grad()
     def generate(self, **kwargs) -> Tensor:
         """Generate with a KV cache; returns the new tokens only. See `instructblip.generation.generate`."""
-        from instructblip.generation.decode import generate
+        from instructblip.generation import generate
 
         return generate(self, **kwargs)
 
     @torch.no_grad()
     def rank(self, inputs: dict, candidates, **kwargs):
         """Score candidate answers by log-likelihood. See `instructblip.generation.rank`."""
-        from instructblip.generation.decode import rank
+        from instructblip.generation.rank import rank
 
         return rank(self, inputs, candidates, **kwargs)

@@ -219,3 +219,61 @@ class Llama(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.embed_tokens.weight)
+
+    # ---- the decoder interface generation uses (T5 implements the same four methods) ----
+
+    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int
+                ) -> tuple[LlamaDecodeState, Tensor]:
+        """Run the prompt (B, L, D) once into a cache with room for `max_new_tokens` more; returns the state and the
+        float32 logits for the first new token (B, V). Positions are `cumsum(mask) - 1` as in transformers'
+        generate, so left padding gives the positions an unpadded prompt would have."""
+        B, L, _ = inputs_embeds.shape
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
+        cache = self.new_cache(B, L + max_new_tokens)
+        hidden = self(inputs_embeds, attention_mask, positions, cache)  # (B, L, D)
+        state = LlamaDecodeState(cache, attention_mask, positions[:, -1], padded=not bool(attention_mask.all()))
+        return state, self.logits(hidden[:, -1]).float()
+
+    def step(self, state: LlamaDecodeState, tokens: Tensor) -> Tensor:
+        """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
+        mask = None  # no padding: one new token attends to every position, no mask needed
+        if state.padded:
+            ones = state.attention_mask.new_ones(tokens.shape[0], 1)
+            state.attention_mask = mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
+        state.positions = state.positions + 1
+        hidden = self(self.embed_tokens(tokens[:, None]), mask, state.positions[:, None], state.cache)
+        return self.logits(hidden[:, -1]).float()
+
+    def prompt_memory(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """What `continuation_hidden` reads of a prompt: for a decoder-only model, the prompt embeddings."""
+        return inputs_embeds
+
+    def continuation_hidden(self, memory: Tensor, attention_mask: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+        """Teacher forcing of `targets` (R, n) after the prompts (R, L, D) (rows left-aligned, `valid` marks real
+        target tokens): hidden states (R, n, D), position i predicting target i."""
+        L = attention_mask.shape[1]
+        embeds = torch.cat([memory, self.embed_tokens(targets)], 1)  # (R, L + n, D)
+        mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)  # (R, L + n)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return self(embeds, mask, positions)[:, L - 1 : L - 1 + targets.shape[1]]
+
+
+class LlamaDecodeState:
+    """What a LLaMA decoding run carries between steps: the KV cache, the mask over the cached positions (kept only
+    when the prompt has padding; without, steps need no mask), and each row's last position."""
+
+    def __init__(self, cache: KVCache, attention_mask: Tensor, positions: Tensor, padded: bool):
+        self.cache = cache
+        self.attention_mask = attention_mask  # (N, filled)
+        self.positions = positions  # (N,)
+        self.padded = padded
+
+    def select(self, index: Tensor) -> None:
+        """Row i becomes old row index[i]: copies for beams or returned sequences, or the rows still running."""
+        self.cache.reorder(index)
+        self.positions = self.positions.index_select(0, index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+
+    def reorder_beams(self, index: Tensor) -> None:
+        """Beam search: row i continues old row index[i] of the same item, whose mask and position are the same."""
+        self.cache.reorder(index)

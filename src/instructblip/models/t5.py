@@ -332,3 +332,50 @@ class T5(nn.Module):
         shifted = torch.full_like(labels, start)
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    # ---- the decoder interface generation uses (LLaMA implements the same four methods) ----
+
+    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int
+                ) -> tuple[T5DecodeState, Tensor]:
+        """Encode the prompt (B, L, D) once, compute every layer's cross-attention keys/values once, and feed the
+        decoder start token; returns the state and the float32 logits for the first new token (B, V)."""
+        B = inputs_embeds.shape[0]
+        encoder_hidden = self.encode(inputs_embeds, attention_mask)  # (B, L, D)
+        cache = self.new_cache(encoder_hidden, max_length=max_new_tokens + 1)
+        start = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long, device=inputs_embeds.device)
+        hidden = self.decode(start, None, attention_mask, None, cache)  # (B, 1, D)
+        return T5DecodeState(cache, attention_mask), self.logits(hidden[:, -1]).float()
+
+    def step(self, state: T5DecodeState, tokens: Tensor) -> Tensor:
+        """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
+        hidden = self.decode(tokens[:, None], None, state.encoder_mask, None, state.cache)  # (N, 1, D)
+        return self.logits(hidden[:, -1]).float()
+
+    def prompt_memory(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """What `continuation_hidden` reads of a prompt: the encoder's output (B, L, D)."""
+        return self.encode(inputs_embeds, attention_mask)
+
+    def continuation_hidden(self, memory: Tensor, attention_mask: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+        """Teacher forcing of `targets` (R, n) in the decoder over the encoder outputs (R, L, D): hidden states
+        (R, n, D), position i predicting target i."""
+        decoder_input_ids = self.shift_right(targets.masked_fill(~valid, -100))  # (R, n)
+        return self.decode(decoder_input_ids, memory, attention_mask)
+
+
+class T5DecodeState:
+    """What a T5 decoding run carries between steps: the decoder's cache (self-attention keys/values and the
+    cross-attention ones) and the encoder's mask."""
+
+    def __init__(self, cache: T5Cache, encoder_mask: Tensor):
+        self.cache = cache
+        self.encoder_mask = encoder_mask  # (N, L)
+
+    def select(self, index: Tensor) -> None:
+        """Row i becomes old row index[i]: copies for beams or returned sequences, or the rows still running."""
+        self.cache.reorder(index, cross=True)
+        self.encoder_mask = self.encoder_mask.index_select(0, index)
+
+    def reorder_beams(self, index: Tensor) -> None:
+        """Beam search: row i continues old row index[i] of the same item; the cross-attention keys/values and the
+        mask are equal within an item, so only the self-attention cache moves."""
+        self.cache.reorder(index, cross=False)

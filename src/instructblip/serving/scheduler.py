@@ -31,23 +31,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from instructblip.generation.decode import (
-    apply_repetition_penalty,
-    decode_step,
-    default_eos_ids,
-    expand,
-    generate,
-    prefill,
-    prepare_prompt,
-    sample,
-    suppress_tokens,
-    warp,
-)
+from instructblip.generation.config import GenerationConfig, default_eos_ids, settle
+from instructblip.generation.decode import Decoding, generate, prepare_prompt
+from instructblip.generation.detokenize import first_stop
 from instructblip.generation.features import VisionCache, image_features
 
 log = logging.getLogger("instructblip.serving.app")
@@ -77,6 +68,13 @@ class SamplingParams:
     @property
     def beam(self) -> bool:
         return self.num_beams > 1
+
+    def generation_config(self) -> GenerationConfig:
+        """The same settings as a `GenerationConfig` for one row (`n` rows are the caller's copies)."""
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                                do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, num_beams=self.num_beams, length_penalty=self.length_penalty,
+                                repetition_penalty=self.repetition_penalty, stop_strings=self.stop, seed=self.seed)
 
     def beam_group(self) -> tuple:
         """Beam-search requests run together only with identical settings (stop strings are applied afterwards)."""
@@ -323,52 +321,32 @@ class Scheduler:
         return prepare_prompt(self.model, image_features=features, input_ids=ids, attention_mask=mask)
 
     def _decode(self, jobs: list[Job], features: Tensor) -> None:
-        """Greedy and sampled requests together; see the module docstring."""
+        """Greedy and sampled requests together on `generation.Decoding`; see the module docstring."""
         prompt = self._prompt(jobs, features)
-        longest = max(job.params.max_new_tokens for job in jobs)
-        state, logits = prefill(self.model, prompt, longest)
-        device = logits.device
-        rows: list[_Row] = []
-        source: list[int] = []
-        for b, job in enumerate(jobs):
+        L, device = prompt.attention_mask.shape[1], features.device
+        settings, copies, rows = [], [], []
+        for job in jobs:
             p = job.params
-            generator = None
-            if p.do_sample:
-                seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
-                generator = torch.Generator(device=device).manual_seed(seed)
-            copies = p.n if p.do_sample else 1
-            for c in range(copies):
-                rows.append(_Row(self, job, [c] if p.do_sample else list(range(p.n)), generator))
-                source.append(b)
-        if len(rows) != len(jobs):
-            index = torch.tensor(source, device=device)
-            expand(state, index)
-            logits = logits.index_select(0, index)
+            seed = p.seed
+            if p.do_sample and seed is None:
+                seed = random.SystemRandom().getrandbits(63)
+            config = replace(p.generation_config(), seed=seed, eos_token_id=self.eos, pad_token_id=self.llm_pad)
+            settings.append(settle(config, self.model.config, L, device))
+            copies.append(p.n if p.do_sample else 1)
+            rows += [_Row(self, job, [c]) for c in range(p.n)] if p.do_sample else [_Row(self, job, list(range(p.n)))]
+        live_text = [job.stream or bool(job.params.stop) for job in jobs]
+        run = Decoding(self.model, prompt, settings, copies, tokenizer=self.tokenizer, detokenize=live_text)
         rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
-        N = len(rows)
-        if self.is_encoder_decoder:  # T5: the penalties also see the decoder start token (as `generate`)
-            start = self.model.config.text_config.decoder_start_token_id
-            history = torch.full((N, 1), start, dtype=torch.long, device=device)
-        else:
-            history = torch.empty(N, 0, dtype=torch.long, device=device)
-        eos = torch.tensor(self.eos, dtype=torch.long, device=device)
-
-        for t in range(longest):
-            if t > 0:
-                logits = decode_step(state, history[:, -1])
-            tokens = self._next_tokens(logits, history, rows, t, eos)  # (N,)
-            history = torch.cat([history, tokens[:, None]], 1)
-            for row, token in zip(rows, tokens.tolist(), strict=True):
-                row.step(token)
+        for tokens in run:
+            for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                row.step(token, run.reason[i], run.text[i])
             self._check_jobs(rows)
             self._deliver(rows, rows_of)
             keep = [i for i, row in enumerate(rows) if not row.done]
             if not keep:
                 break
             if len(keep) < len(rows):  # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                expand(state, index)
-                history = history.index_select(0, index)
+                run.keep(keep)
                 rows = [rows[i] for i in keep]
 
     def _check_jobs(self, rows: list[_Row]) -> None:
@@ -399,26 +377,6 @@ class Scheduler:
                 events.append(Completed(sorted(choices, key=lambda c: c.index)))
             job.send(events)
 
-    def _next_tokens(self, logits: Tensor, history: Tensor, rows: list[_Row], t: int, eos: Tensor) -> Tensor:
-        """One token per row; the rows of one job are adjacent and share its settings (and its generator)."""
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        start = 0
-        while start < len(rows):
-            job, end = rows[start].job, start + 1
-            while end < len(rows) and rows[end].job is job:
-                end += 1
-            p = job.params
-            scores = apply_repetition_penalty(logits[start:end], history[start:end], p.repetition_penalty)
-            if t < p.min_new_tokens:
-                scores = suppress_tokens(scores, eos)
-            if p.do_sample:
-                scores = warp(scores, p.temperature, p.top_k, p.top_p)
-                tokens[start:end] = sample(scores, rows[start].generator)
-            else:
-                tokens[start:end] = scores.argmax(-1)
-            start = end
-        return tokens
-
     def _beam_search(self, jobs: list[Job], features: Tensor) -> None:
         p = jobs[0].params  # the group shares every setting but the stop strings
         ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
@@ -442,7 +400,7 @@ class Scheduler:
                 ids_ = row if end is None else row[:end]
                 text, cut = self.decode(ids_), None
                 if job.params.stop:
-                    cut = _first_stop(text, job.params.stop)
+                    cut = first_stop(text, job.params.stop)
                 if cut is not None:
                     tokens = _tokens_until(self, ids_, job.params.stop)
                     choices.append(Choice(c, text[:cut], "stop", tokens))
@@ -459,65 +417,43 @@ class Scheduler:
 class _Row:
     """One decoded sequence of a job (greedy `n` > 1: one row serves every choice index)."""
 
-    def __init__(self, scheduler: Scheduler, job: Job, indices: list[int], generator: torch.Generator | None):
+    def __init__(self, scheduler: Scheduler, job: Job, indices: list[int]):
         self.scheduler = scheduler
         self.job = job
         self.indices = indices
-        self.generator = generator
         self.ids: list[int] = []  # generated tokens, eos excluded
         self.count = 0  # tokens generated, eos included
-        self.text = ""  # the decoded text (kept up to date only when streaming or with stop strings)
-        self.sent = ""  # the part of it already streamed
+        self.text = ""
         self.done = False
         self.finish_reason = "stop"
         self.pending: list[Event] = []  # events of this step, collected by `Scheduler._deliver`
+        self._text = None  # the run's `Detokenizer` of this row, when its text is kept up to date
 
-    @property
-    def live_text(self) -> bool:
-        return self.job.stream or bool(self.job.params.stop)
-
-    def step(self, token: int) -> None:
+    def step(self, token: int, reason: str | None, text) -> None:
+        """This step's token, with the run's verdict on the row (None: still running) and its detokenizer."""
         if self.done:
             return
-        p = self.job.params
+        self._text = text
         self.count += 1
-        if token in self.scheduler.eos:
-            self._finish("stop")
-            return
-        self.ids.append(token)
-        if self.live_text:
-            self.text = self.scheduler.decode(self.ids)
-            cut = _first_stop(self.text, p.stop)
-            if cut is not None:
-                self.text = self.text[:cut]
-                self._finish("stop")
-                return
-        if self.count >= p.max_new_tokens:
-            self._finish("length")
-        elif self.job.stream:
-            self._stream(final=False)
+        if token not in self.scheduler.eos:
+            self.ids.append(token)
+        if reason is not None:
+            self._finish(reason)
+        elif self.job.stream and text is not None:
+            self._send(text.delta())
 
     def _finish(self, reason: str) -> None:
         self.done = True
         self.finish_reason = reason
-        if not self.live_text:
+        if self._text is not None:
+            self.text = self._text.text
+        else:
             self.text = self.scheduler.decode(self.ids)
         if self.job.stream:
-            self._stream(final=True)
+            self._send(self._text.delta(final=True) if self._text is not None else self.text)
             self.pending += [ChoiceEnd(i, reason) for i in self.indices]
 
-    def _stream(self, final: bool) -> None:
-        """Queue the text not yet streamed. Held back until more tokens come: an incomplete character, a decode that
-        rewrote streamed text, and a tail that could be the start of a stop string."""
-        text = self.text
-        if not final:
-            if text.endswith("\ufffd") or not text.startswith(self.sent):
-                return
-            text = text[: len(text) - _stop_prefix_overlap(text, self.job.params.stop)]
-        if len(text) <= len(self.sent) and text.startswith(self.sent):
-            return
-        delta = text[len(self.sent):] if text.startswith(self.sent) else text[_common_prefix(text, self.sent):]
-        self.sent = text
+    def _send(self, delta: str) -> None:
         if delta:
             self.pending += [TextDelta(i, delta) for i in self.indices]
 
@@ -561,33 +497,9 @@ def _pad_id(tokenizer, configured: int | None, fallback: list[int]) -> int:
     return int(pad_id)
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest stop string starts in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _stop_prefix_overlap(text: str, stops: Sequence[str]) -> int:
-    """The length of the longest tail of `text` that is a proper prefix of a stop string (held back when streaming)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 def _tokens_until(scheduler: Scheduler, ids: list[int], stops: Sequence[str]) -> int:
     """How many tokens it takes for a stop string to appear in the decoded text."""
     for k in range(1, len(ids) + 1):
-        if _first_stop(scheduler.decode(ids[:k]), stops) is not None:
+        if first_stop(scheduler.decode(ids[:k]), stops) is not None:
             return k
     return len(ids)
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n

@@ -880,7 +880,7 @@ def validate(model, processor, sources: list, config: TrainConfig, rank: int, wo
              device: torch.device, amp) -> dict[str, float]:
     """Loss (mean over answer tokens) and, with `val_max_new_tokens` > 0, greedy/beam generation scored by exact
     match and VQA accuracy (normalised answers), per validation source and overall, summed over all ranks."""
-    from instructblip.generation.decode import generate
+    from instructblip.generation import generate
 
     model.eval()
     collate = Collator(processor, model.config.is_encoder_decoder, config.max_prompt_length, config.max_answer_length,

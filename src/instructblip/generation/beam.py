@@ -1,0 +1,117 @@
+"""Beam search, a port of transformers 5.23's vectorised beam search (`GenerationMixin._beam_search`), on the same
+decoder interface (`prefill` / `step` / `reorder_beams`) and logits processors as sampling and greedy decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from instructblip.generation.config import Settings
+from instructblip.generation.logits import in_vocabulary, process, with_prefix
+
+_NEG = -1.0e9  # transformers' "very negative" score in beam search
+
+
+def _topk_over_beams(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(scores.view(B, K * V), k) for scores (B, K, V), in two passes: the best k of each beam (B * K rows of
+    V, which torch spreads over the threads), then the best k of those K * k. One pass over a row of K * V runs on
+    one thread, about 2x slower at 5 beams of a 32000-token vocabulary. Same values; equal scores may come in
+    another order."""
+    B, K, V = scores.shape
+    values, index = torch.topk(scores, min(k, V))  # (B, K, k)
+    index = index + torch.arange(K, device=scores.device)[:, None] * V  # positions in the (K * V) row
+    best, pick = torch.topk(values.view(B, -1), k)  # (B, k)
+    return best, index.view(B, -1).gather(1, pick)
+
+
+def beam_search(lm, state, logits: Tensor, prefix: Tensor, ignore: Tensor | None, s: Settings) -> Tensor:
+    """transformers 5.23's beam search (`GenerationMixin._beam_search`), over the generated tokens.
+
+    Each step keeps the top `2 * num_beams` continuations (more with several eos ids) of all beams of an item; the
+    best `num_beams` of them that did not stop keep running, and those among the first `num_beams` that stopped (eos
+    or the length limit) compete for the `num_beams` finished slots with score `sum log p / n ** length_penalty`,
+    n = generated tokens (eos included). `early_stopping`: True stops an item once `num_beams` are finished; False
+    stops when the best running beam, at its current length, cannot beat the worst finished one; "never" assumes the
+    most favourable length. Returns (B * num_return_sequences, new_len), best first per item.
+    """
+    K, T, V = s.num_beams, s.max_new_tokens, logits.shape[-1]
+    B = logits.shape[0] // K
+    device = logits.device
+    n_eos = s.eos.numel()
+    eos = in_vocabulary(s.eos, V)  # for suppressing; stopping checks every id of s.eos
+    width = max(2, 1 + n_eos) * K  # candidates kept per step
+    top_beams = torch.arange(width, device=device) < K  # (width,) only these may enter the finished set
+    lp = s.length_penalty
+
+    running = torch.full((B, K, T), s.pad, dtype=torch.long, device=device)  # running beams' tokens
+    running_scores = torch.zeros(B, K, device=device)  # sum of log-probs; only beam 0 starts, so beams differ
+    running_scores[:, 1:] = _NEG
+    finished = torch.full((B, K, T), s.pad, dtype=torch.long, device=device)
+    finished_scores = torch.full((B, K), _NEG, device=device)
+    finished_len = torch.zeros(B, K, dtype=torch.long, device=device)
+    is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # transformers' early-stop heuristic
+    item_offset = torch.arange(B, device=device)[:, None] * K  # (B, 1)
+
+    for t in range(T):
+        if t > 0:
+            logits = lm.step(state, running[:, :, t - 1].reshape(B * K))
+        log_probs = F.log_softmax(logits, dim=-1)  # (B*K, V)
+        history = with_prefix(prefix, running.reshape(B * K, T)[:, :t])
+        log_probs = process(log_probs, history, ignore, t, s, max(2, n_eos + 1), eos)
+        accumulated = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+
+        # a. the best `width` continuations over all beams of an item
+        if s.do_sample:
+            picked = torch.multinomial(F.softmax(accumulated, dim=-1), width, generator=s.generator)  # (B, width)
+            cand_scores = accumulated.gather(1, picked)
+        else:
+            cand_scores, picked = _topk_over_beams(accumulated.view(B, K, V), width)
+        source = picked // V  # (B, width) beam each continuation extends
+        cand = running.take_along_dim(source[:, :, None], 1)  # (B, width, T)
+        cand[:, :, t] = picked % V
+        stops = torch.isin(cand[:, :, t], s.eos) | (t + 1 >= T)  # (B, width)
+
+        # b. the best `K` continuations that did not stop keep running
+        live_scores = cand_scores + stops.float() * _NEG
+        keep = torch.topk(live_scores, K)[1]  # (B, K)
+        running = cand.take_along_dim(keep[:, :, None], 1)
+        running_scores = live_scores.gather(1, keep)
+        running_source = source.gather(1, keep)
+
+        # c. stopped continuations among the first K enter the finished set if they beat its worst
+        just_finished = stops & top_beams[None, :]
+        scores = cand_scores / ((t + 1) ** lp)
+        full = is_finished.all(-1, keepdim=True) & (s.early_stopping is True)
+        scores += full.float() * _NEG
+        scores += (~improvable).float() * _NEG
+        scores += (~just_finished) * _NEG
+        merged_scores = torch.cat([finished_scores, scores], 1)  # (B, K + width)
+        best = torch.topk(merged_scores, K)[1]
+        finished = torch.cat([finished, cand], 1).take_along_dim(best[:, :, None], 1)
+        finished_scores = merged_scores.gather(1, best)
+        finished_len = torch.cat([finished_len, torch.full_like(cand_scores, t + 1, dtype=torch.long)], 1).gather(
+            1, best)
+        is_finished = torch.cat([is_finished, just_finished], 1).gather(1, best)
+
+        # d. the cache follows the running beams; decide whether to go on
+        index = (running_source + item_offset).view(-1)
+        if not torch.equal(index, torch.arange(index.shape[0], device=device)):  # else every beam extends itself
+            state.reorder_beams(index)
+        n = t + 1
+        best_length = T if s.early_stopping == "never" and lp > 0.0 else n
+        best_running = running_scores[:, :1] / (best_length**lp)
+        worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], _NEG)
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        all_full = bool(is_finished.all()) and s.early_stopping is True
+        if not bool(improvable.any()) or all_full or bool(stops.all()):
+            break
+
+    R = s.num_return_sequences
+    out = finished[:, :R].reshape(B * R, T)  # (B, R, T) -> (B*R, T)
+    new_len = int(finished_len[:, :R].max())
+    positions = torch.arange(T, device=device)[None, :]
+    out = out.masked_fill(positions >= finished_len[:, :R].reshape(B * R, 1), s.pad)  # pad after each end
+    return out[:, :new_len]
