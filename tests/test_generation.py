@@ -21,8 +21,20 @@ from hf_oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, hf_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from instructblip import InstructBlipForConditionalGeneration
-from instructblip.generation import default_eos_ids, generate, incremental_text, prepare_prompt, rank, stream
+from instructblip.generation import (
+    ANSWER,
+    CAPTION,
+    Decoding,
+    GenerationConfig,
+    default_eos_ids,
+    generate,
+    incremental_text,
+    prepare_prompt,
+    rank,
+    stream,
+)
 from instructblip.generation.beam import _topk_over_beams
+from instructblip.generation.config import settle
 from instructblip.generation.logits import apply_repetition_penalty, top_k_filter, top_p_filter, warp
 from instructblip.models.config import InstructBlipConfig
 from instructblip.models.t5 import T5
@@ -624,3 +636,93 @@ def test_streaming_refuses_beams_and_batches(pairs):
         ours.generate(**inputs, num_beams=2, streamer=object())
     with pytest.raises(ValueError, match="reduction"):
         ours.rank(inputs, [[5]], reduction="max")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GenerationConfig and the token iterator
+
+
+def test_generation_config_builders_and_checks(tmp_path):
+    config, rest = GenerationConfig.from_kwargs(num_beams=3, max_new_tokens=7, use_cache=True, stop_strings="END")
+    assert (config.num_beams, config.max_new_tokens, config.stop_strings) == (3, 7, ("END",))
+    assert rest == {"use_cache": True}
+    start = GenerationConfig(repetition_penalty=1.5)
+    assert GenerationConfig.from_kwargs(generation_config=start, top_p=0.5)[0] == GenerationConfig(
+        repetition_penalty=1.5, top_p=0.5)
+    assert GenerationConfig.from_kwargs(start, num_beams=2)[0].repetition_penalty == 1.5  # a base to start from
+    assert ANSWER.num_beams == 5 and ANSWER.repetition_penalty == 1.5 and CAPTION.min_new_tokens == 10
+    # generation_config.json: its decoding options, not its token ids (config.json's, with the Vicuna quirk)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"num_beams": 4, "max_length": 30, "eos_token_id": 1, "bos_token_id": 0, "transformers_version": "5.23"}))
+    loaded = GenerationConfig.from_pretrained(tmp_path)
+    assert (loaded.num_beams, loaded.max_length, loaded.eos_token_id) == (4, 30, None)
+    assert GenerationConfig.from_pretrained(tmp_path / "missing") == GenerationConfig()
+    (tmp_path / "generation_config.json").write_text('{"num_beams": 0}')
+    with pytest.warns(UserWarning, match="num_beams"):
+        assert GenerationConfig.from_pretrained(tmp_path) == GenerationConfig()
+    for bad, name in [(dict(temperature=1e-300, do_sample=True), "temperature"),
+                      (dict(length_penalty=1e308, num_beams=2), "length_penalty"),
+                      (dict(length_penalty=math.nan), "length_penalty"),
+                      (dict(repetition_penalty=math.inf), "repetition_penalty"),
+                      (dict(seed=2**64, do_sample=True), "seed"), (dict(num_beams=True), "num_beams"),
+                      (dict(stop_strings=("",)), "stop_strings")]:
+        with pytest.raises(ValueError, match=name):
+            GenerationConfig(**bad).validate()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_with_their_own_settings_decode_as_they_would_alone(hf_checkpoints, family):
+    """The token iterator runs rows with different settings in one batch (as the server does); each row's tokens
+    equal those of a `generate` call for it alone, and finished items leave the batch mid-run. In float64, so
+    that a sampled token cannot flip on float32 noise between batch sizes."""
+    ours = InstructBlipForConditionalGeneration.from_pretrained(hf_checkpoints[family][1], dtype=torch.float64)
+    inputs = make_inputs(family)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    configs = [GenerationConfig(max_new_tokens=9, repetition_penalty=1.7, no_repeat_ngram_size=2),
+               GenerationConfig(max_new_tokens=5, min_new_tokens=4, do_sample=True, temperature=1.5, top_k=20,
+                                seed=11),
+               GenerationConfig(max_new_tokens=12, do_sample=True, top_p=0.8, seed=4, num_return_sequences=2)]
+    alone = []
+    for b, config in enumerate(configs):
+        one = {k: v[b:b + 1] for k, v in inputs.items()}
+        alone += ours.generate(**one, generation_config=config).tolist()
+    with torch.inference_mode():
+        prompt = prepare_prompt(ours, **inputs)
+        L = prompt.attention_mask.shape[1]
+        settings = [settle(c, ours.config, L, "cpu") for c in configs]
+        run = Decoding(ours, prompt, settings, copies=[1, 1, 2])
+        rows, tokens, item = list(range(4)), {i: [] for i in range(4)}, [0, 1, 2, 2]
+        for step in run:
+            for i, token in zip(rows, step.tolist(), strict=True):
+                tokens[i].append(token)
+            # an item's rows leave together: they share one generator, whose draws depend on the rows sampled
+            running = {item[rows[j]] for j, reason in enumerate(run.reason) if reason is None}
+            keep = [j for j in range(run.rows) if item[rows[j]] in running]
+            if keep and len(keep) < run.rows:
+                run.keep(keep)
+                rows = [rows[j] for j in keep]
+    pad = PAD
+    for i in range(4):
+        expected = [t for t in alone[i] if t != pad] if i == 1 else alone[i]
+        got = tokens[i][: len(expected)]
+        assert got == expected[: len(got)] and len(got) == len(expected), (i, tokens[i], expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stop_strings_end_rows_in_generate(pairs, family):
+    """`stop_strings` with `tokenizer=` (transformers' names): a row ends with the token that completes a stop
+    string, which stays in the output; other rows go on."""
+    _, ours = pairs[family]
+    tokenizer = byte_tokenizer()
+    inputs = make_inputs(family)
+    plain = ours.generate(**inputs, max_new_tokens=12, eos_token_id=[])
+    text = tokenizer.decode(plain[0].tolist(), skip_special_tokens=True)
+    stop = text[3:5]  # two characters the first row produces after a few tokens
+    assert stop.strip() and len(stop) == 2
+    cut = ours.generate(**inputs, max_new_tokens=12, eos_token_id=[], stop_strings=[stop], tokenizer=tokenizer,
+                        pad_token_id=PAD)
+    first = [t for t in cut[0].tolist()]
+    ends = next(k for k in range(1, 13) if stop in tokenizer.decode(plain[0, :k].tolist(), skip_special_tokens=True))
+    assert first[:ends] == plain[0, :ends].tolist() and set(first[ends:]) <= {PAD}
+    with pytest.raises(ValueError, match="tokenizer"):
+        ours.generate(**inputs, max_new_tokens=3, stop_strings=["x"])

@@ -342,10 +342,12 @@ class Scheduler:
                 row.step(token, run.reason[i], run.text[i])
             self._check_jobs(rows)
             self._deliver(rows, rows_of)
-            keep = [i for i, row in enumerate(rows) if not row.done]
+            # a job's rows leave the batch together, once all are done: its sampled rows share one generator, whose
+            # draws depend on how many rows it samples (so the answers stay those of the request alone)
+            keep = [i for i, row in enumerate(rows) if not all(r.done for r in rows_of[id(row.job)])]
             if not keep:
                 break
-            if len(keep) < len(rows):  # finished rows leave the batch
+            if len(keep) < len(rows):
                 run.keep(keep)
                 rows = [rows[i] for i in keep]
 
