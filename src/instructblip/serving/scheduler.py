@@ -7,20 +7,19 @@ One round of the worker:
 2. encode every image of the round at once (vision encoder + Q-Former; the vision cache, keyed by pixel
    content, skips images it has seen recently).
 3. decode:
-   - greedy and sampled requests share one loop, whatever their settings: every row has its own max_tokens,
-     min_tokens, temperature, top_p, top_k, repetition penalty, seed and stop strings, and stops on its own (eos,
-     max_tokens, a stop string, its client gone, its deadline); finished rows leave the batch (the KV cache is
-     compacted), so a long answer does not make the short ones wait. Sampling with `n` > 1 gives n rows; greedy
-     `n` > 1 decodes one row and returns n copies.
+   - greedy and sampled requests run together on `generation.Decoding`, the token iterator `generate` runs on:
+     every row has its own settings (a `GenerationConfig`: lengths, sampling, penalties, seed, stop strings) and
+     stops on its own (eos, max_tokens, a stop string, its client gone, its deadline); a finished request's rows
+     leave the batch (the KV cache is compacted), so a long answer does not make the short ones wait. Sampling with
+     `n` > 1 gives n rows; greedy `n` > 1 decodes one row and returns n copies.
    - beam-search requests go through `generation.generate`, one call per group of identical settings (beam search
      keeps a single length limit per call), after the sampled ones. Stop strings cut the finished text; a client that
      goes away is noticed between groups, not inside a search.
 4. results go back through each request's `emit` callback (called from this thread) as lists of events:
    `TextDelta` / `ChoiceEnd` while streaming, then `Completed`, or `Failed`.
 
-The per-row logits processing is `generation`'s, in transformers' order (repetition penalty, eos suppressed before
-min_tokens, then temperature -> top-k -> top-p when sampling), so a request decoded here alone gives the tokens
-`generation.generate` gives for it.
+Since the loop and the logits processing are `generation`'s, a request decoded here gives the tokens
+`generation.generate` gives for it alone.
 """
 
 from __future__ import annotations
@@ -192,7 +191,6 @@ class Scheduler:
         self.vision_cache = vision_cache
         self.eos = default_eos_ids(model.config)
         text = model.config.text_config
-        self.is_encoder_decoder = bool(text.is_encoder_decoder)
         self.llm_pad = _pad_id(self.tokenizer, text.pad_token_id, self.eos)
         self.qformer_pad = _pad_id(processor.qformer_tokenizer, None, [0])
         self.batches = 0
