@@ -4,7 +4,7 @@ one-request-at-a-time server (`--max-batch-size 1`) on the same weights.
     python benchmarks/serve_load.py [--model DIR] [--concurrency 1 4 16] [--requests-per-client 3]
                                     [--max-tokens 32] [--dir /tmp/ib-serve-bench]
 
-Without --model, a small random model is built (the "small" config of PERFORMANCE.md §3: ViT 12L/384 on 224/14,
+Without --model, a small random model is built (the "small" config of docs/performance.md: ViT 12L/384 on 224/14,
 Q-Former 4L/384, LLaMA 4L/512 with a 32k vocabulary, 32 query tokens; the tokenizer files come from tests/assets.py).
 Each server runs in its own process (`python -m instructblip serve`, vision cache off, so every request pays for its
 image); the clients are asyncio + httpx in this process. Every request has its own random image and asks for exactly

@@ -218,9 +218,11 @@ def test_transformers_documentation_snippet_runs_with_only_the_import_changed(ck
 
 
 def test_module_and_console_script_agree():
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "instructblip"), "bench", "--help"],
-                         capture_output=True, text=True, env=ENV)
-    assert out.returncode == 0 and "benchmarks" in out.stdout
+    script = subprocess.run([os.path.join(os.path.dirname(sys.executable), "instructblip"), "serve", "--help"],
+                            capture_output=True, text=True, env=ENV)
+    module = run("serve", "--help")
+    assert script.returncode == module.returncode == 0 and "--allow-remote-images" in script.stdout
+    assert script.stdout == module.stdout
 
 
 def test_default_model_is_used_when_none_is_named():

@@ -26,16 +26,10 @@ from tiny_checkpoint import make_full_checkpoint
 
 import instructblip
 from instructblip.accel import cpu_linear as ops
-from instructblip.serving.app import (
-    ChatRequest,
-    ImageError,
-    ServerConfig,
-    create_app,
-    fetch_remote_image,
-    is_public_address,
-    plan_chat,
-    security_warnings,
-)
+from instructblip.cli import security_warnings
+from instructblip.serving.app import create_app
+from instructblip.serving.media import ImageError, fetch_remote_image, is_public_address
+from instructblip.serving.protocol import ChatRequest, ServerConfig, plan_chat
 
 MODEL = "tiny"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")

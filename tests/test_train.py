@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from train_helpers import (
-    cli_command,
     color_image,
     metrics,
     one_thread,
+    paused_checkpoint_command,
     subprocess_env,
     tiny_checkpoint,
     trained_state,
@@ -22,17 +22,10 @@ from train_helpers import (
 )
 
 from instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from instructblip.training.train import (
-    TrainConfig,
-    checkpoint_dirs,
-    learning_rate,
-    load_checkpoint,
-    main,
-    optimizer_groups,
-    parse_args,
-    train,
-    trainable_prefixes,
-)
+from instructblip.cli import train_config
+from instructblip.training import TrainConfig, train
+from instructblip.training.checkpointing import checkpoint_dirs, load_checkpoint
+from instructblip.training.loop import learning_rate, optimizer_groups, trainable_prefixes
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +77,7 @@ def test_weight_decay_skips_biases_and_norms():
 def test_progress_bar_only_on_a_tty_or_when_asked(tmp_path, capsys):
     import dataclasses
 
-    from instructblip.training.train import Logger
+    from instructblip.training.loop import Logger
 
     config = TrainConfig(model="m", train_data=["d.jsonl"], output_dir=str(tmp_path), max_steps=10,
                          tensorboard=False)
@@ -166,8 +159,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_exact(data, tmp_path):
         **{k: v for k, v in vars(straight).items() if k not in ("train_data", "val_data", "output_dir")},
         "train_data": [data["colors"], data["captions"]], "output_dir": str(killed)})
     with open(tmp_path / "stderr.txt", "w") as log:
-        process = subprocess.Popen(cli_command(str(yaml_file)), stderr=log, stdout=subprocess.DEVNULL,
-                                   env=subprocess_env(INSTRUCTBLIP_CHECKPOINT_WRITE_DELAY="6:120"))
+        process = subprocess.Popen(paused_checkpoint_command(6, 120, str(yaml_file)), stderr=log,
+                                   stdout=subprocess.DEVNULL, env=subprocess_env())
         try:
             deadline = time.time() + 90
             while "[test hook]" not in (tmp_path / "stderr.txt").read_text():
@@ -245,14 +238,14 @@ def test_yaml_presets_and_flags_override(tmp_path, data):
     yaml_file = write_yaml(tmp_path / "c.yaml", {
         "model": "some/model", "max_steps": 100, "lr": "2e-5",
         "train_data": [data["colors"], {"path": data["captions"], "weight": 2.0, "task": "captioning"}]})
-    config = parse_args([str(yaml_file), "--max-steps", "7", "--augment", "--resume", "--grad-clip", "1.0",
+    config = train_config([str(yaml_file), "--max-steps", "7", "--augment", "--resume", "--grad-clip", "1.0",
                          "--val-max-samples", "none", "--progress", "false"])
     assert (config.max_steps, config.lr, config.augment, config.resume, config.grad_clip) == (7, 2e-5, True,
                                                                                                 "latest", 1.0)
     assert config.val_max_samples is None and config.progress is False
     assert config.train_data[1].weight == 2.0 and config.train_data[1].task == "caption"
     assert config.train_data[0].name == "colors"
-    flags_only = parse_args(["--model", "m", "--train-data", "a.jsonl", "b.jsonl", "--resume", "ckpt/step-1"])
+    flags_only = train_config(["--model", "m", "--train-data", "a.jsonl", "b.jsonl", "--resume", "ckpt/step-1"])
     assert [s.path for s in flags_only.train_data] == ["a.jsonl", "b.jsonl"] and flags_only.resume == "ckpt/step-1"
 
 
@@ -268,13 +261,13 @@ def test_yaml_presets_and_flags_override(tmp_path, data):
 def test_bad_configs_give_clear_errors(tmp_path, content, error):
     (tmp_path / "c.yaml").write_text(content)
     with pytest.raises(ValueError, match=error):
-        main([str(tmp_path / "c.yaml")])
+        train_config([str(tmp_path / "c.yaml")])
 
 
 def test_shipped_presets_are_valid_configs():
     from pathlib import Path
 
-    from instructblip.training.train import config_from_dict, load_yaml
+    from instructblip.training import config_from_dict, load_yaml
 
     presets = sorted((Path(__file__).parent.parent / "configs" / "train").glob("*.yaml"))
     assert len(presets) >= 2

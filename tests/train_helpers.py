@@ -1,5 +1,6 @@
 """Shared pieces of the data and training tests: tiny checkpoints (built once per session), synthetic datasets of
-coloured squares (a task a tiny model can learn: the answer depends on the image), running the CLI in a subprocess."""
+coloured squares (a task a tiny model can learn: the answer depends on the image), running the CLI in a subprocess
+(with a checkpoint write that pauses half-way, to be killed there)."""
 
 from __future__ import annotations
 
@@ -107,8 +108,54 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "instructblip", "train", *args]
+# `instructblip train ARGS` (through the CLI's entry point) in which writing the checkpoint of step STEP pauses for
+# SECONDS once half of its tensor bytes are out, and says so on stderr: a test kills the process there. The pause goes
+# in through torch.save, which the checkpoint writer calls, wrapped for that one checkpoint in a file that sleeps.
+PAUSED_CHECKPOINT_PROGRAM = """
+import sys
+import time
+
+import torch
+
+from instructblip.cli import main
+
+step, seconds, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+real_save = torch.save
+
+
+class PausingFile:
+    def __init__(self, f, after_bytes):
+        self.f, self.after, self.written, self.slept = f, after_bytes, 0, False
+
+    def write(self, data):
+        n = self.f.write(data)
+        self.written += n
+        if not self.slept and self.written >= self.after:
+            self.slept = True
+            self.f.flush()
+            print(f"[test hook] checkpoint write paused for {seconds}s", file=sys.stderr, flush=True)
+            time.sleep(seconds)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("step") == step and "trainable" in obj:
+        size = sum(t.numel() * t.element_size() for t in obj["trainable"].values())
+        f = PausingFile(f, size // 2)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+sys.exit(main(["train", *argv]))
+"""
+
+
+def paused_checkpoint_command(step: int, seconds: float, *args: str) -> list[str]:
+    """The command line of `instructblip train ARGS` whose checkpoint of `step` stops half-written for `seconds`."""
+    return [sys.executable, "-c", PAUSED_CHECKPOINT_PROGRAM, str(step), str(seconds), *args]
 
 
 def run(command: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -119,7 +166,7 @@ def run(command: list[str], timeout: float = 120, **env: str) -> subprocess.Comp
 
 def trained_state(output_dir: Path) -> dict:
     """The trained weights of the newest checkpoint of a run."""
-    from instructblip.training.train import checkpoint_dirs, load_checkpoint
+    from instructblip.training.checkpointing import checkpoint_dirs, load_checkpoint
 
     return load_checkpoint(checkpoint_dirs(str(output_dir))[-1][1])["trainable"]
 

@@ -1,7 +1,7 @@
 """The easy-vqa recipe's building blocks: data, tokenizers, the initial model, the two training stages, evaluation.
 
 `run.py` chains them into the recipe (`make easyvqa`), `ablation.py` into the paper's ablation in miniature; the
-YAML files next to this one hold every number. Training goes through `instructblip.training.train` (its
+YAML files next to this one hold every number. Training goes through `instructblip.training` (its
 `TrainConfig` and loop) and evaluation through `instructblip.evaluation.runner` (the easy-vqa adapter); this file only
 prepares what they read:
 
@@ -678,10 +678,10 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def run_stage(stage: dict, model_dir: str | Path, sources: list[dict], output_dir: str | Path, **overrides: Any):
-    """One training stage through `instructblip.training.train`: the stage's YAML values (TrainConfig keys, plus
+    """One training stage through `instructblip.training`: the stage's YAML values (TrainConfig keys, plus
     `source_weights`: {source name: manual weight on its sqrt-balanced probability}), the starting model, the data
     sources and the output directory; resumes an interrupted stage, skips a finished one."""
-    from instructblip.training.train import config_from_dict, train
+    from instructblip.training import config_from_dict, train
 
     export = Path(output_dir) / "model"
     if (export / "model.safetensors").is_file() and (export / "train_config.json").is_file():

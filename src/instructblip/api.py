@@ -23,11 +23,11 @@ import torch
 from instructblip.generation.features import VisionCache, image_features
 from instructblip.modeling import InstructBlipForConditionalGeneration
 from instructblip.processing.processor import InstructBlipProcessor
+from instructblip.processing.templates import CAPTION_PROMPT
 
-# LAVIS's generate() defaults (RECIPE.md §2.3), with max_length read as new tokens
+# LAVIS's generate() defaults (docs/recipe.md, generation settings), with max_length read as new tokens
 ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0)
-# LAVIS's captioning configs: beam 5, max 80, min 10; the paper's NoCaps/Flickr prompt
-CAPTION_PROMPT = "A short image description:"
+# LAVIS's captioning configs: beam 5, max 80, min 10 (with the paper's NoCaps/Flickr prompt, CAPTION_PROMPT)
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=80, min_new_tokens=10, repetition_penalty=1.5, length_penalty=1.0)
 
 

@@ -5,8 +5,12 @@
     instructblip batch INPUT.jsonl|FOLDER --output OUT.jsonl [--instruction TEXT]
     instructblip info [M]
     instructblip convert-lavis --lavis-checkpoint X.pth --vision eva_vit_g.pth --llm DIR --out DIR
-    instructblip bench
-    instructblip train | eval | serve ...   (flags of their own: `instructblip train --help`)
+    instructblip train [CONFIG.yaml] [--key value ...]        (torchrun-ready)
+    instructblip eval --model M --benchmark gqa --data DIR | --all --data DIR | --list
+    instructblip serve [--model M] [--host 127.0.0.1] [--port 8000] ...
+
+`train`, `eval` and `serve` have parsers of their own (`instructblip serve --help`), built here too: this file holds
+every command's flags; the library modules take plain arguments and configs.
 
 User errors (a missing file, something that is not an image, an unknown model, bad flags) print one line and exit
 with status 2; failures while running exit with status 1. Set INSTRUCTBLIP_DEBUG=1 to see tracebacks.
@@ -15,12 +19,21 @@ with status 2; failures while running exit with status 1. Set INSTRUCTBLIP_DEBUG
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import json
 import os
 import sys
 import time
+import typing
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from instructblip.processing.templates import CAPTION_PROMPT
+
+if TYPE_CHECKING:
+    from instructblip.serving.protocol import ServerConfig
+    from instructblip.training.config import TrainConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -76,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="describe one or more images", description="Describe images.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--prompt", default="A short image description:", help="the captioning instruction")
+    p.add_argument("--prompt", default=CAPTION_PROMPT, help="the captioning instruction")
     _model_flags(p)
     _generation_flags(p, beams=5, max_new=80)
 
@@ -107,10 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qformer-tokenizer", default=None, help="a bert-base-uncased tokenizer directory to include")
     p.add_argument("--max-shard-size", default="5GB")
 
-    p = sub.add_parser("bench", help="ours against transformers, side by side",
-                       description="Run benchmarks/bench.py (source checkouts); extra arguments go to it.")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="e.g. --only b c --reps 3")
-    for name, (_, help_text) in DELEGATED.items():
+    for name, (_, help_text) in OWN_PARSER.items():  # listed here; `main` hands them the rest of the line
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -232,20 +242,6 @@ def cmd_convert_lavis(args: argparse.Namespace) -> int:
     print(report.summary())
     print(f"written: {args.out}")
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the side-by-side benchmarks when this is a source checkout; otherwise say where they are."""
-    import subprocess
-
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench.py")
-    if not os.path.isfile(script):
-        print("The benchmarks live in benchmarks/ of the source tree (git clone, then `make bench`):\n"
-              "  benchmarks/bench.py        ours against transformers, same weights (results: benchmarks/RESULTS.md)\n"
-              "  benchmarks/load_memory.py  peak memory and time while loading a ~1 GB checkpoint\n"
-              "  benchmarks/serve_load.py   server throughput and latency under concurrency")
-        return 0
-    return subprocess.call([sys.executable, os.path.abspath(script), *args.bench_args])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -387,23 +383,264 @@ def _write_line(fd: int, record: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# train: one flag per TrainConfig field
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from instructblip.training.config import TrainConfig, field_types
+
+    parser = argparse.ArgumentParser(
+        prog="instructblip train",
+        description="Instruction-tune InstructBLIP (the paper's recipe). Values: defaults < CONFIG.yaml < flags.",
+        epilog="Multi-GPU / multi-process: torchrun --nproc_per_node N -m instructblip train CONFIG.yaml ...",
+    )
+    parser.add_argument("config", nargs="?", help="YAML file presetting any of the flags below (keys = flag names "
+                                                  "with underscores)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING:
+            help_text += f" (default: {f.default})"
+        hint = field_types()[f.name]
+        if typing.get_origin(hint) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", metavar="PATH", default=argparse.SUPPRESS,
+                                help=help_text)
+        elif f.name == "resume":
+            parser.add_argument(flag, dest=f.name, nargs="?", const="latest", default=argparse.SUPPRESS,
+                                help=help_text)
+        elif bool in typing.get_args(hint) or hint is bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", metavar="BOOL",
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def train_config(argv: list[str]) -> TrainConfig:
+    """`[CONFIG.yaml] [--key value ...]` -> TrainConfig; bad values raise ValueError / FileNotFoundError."""
+    from instructblip.training.config import config_from_dict, load_yaml
+
+    args = vars(train_parser().parse_args(argv))
+    path = args.pop("config")
+    data = load_yaml(path) if path else {}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.update(args)
+    return config_from_dict(data, where=path or "command line")
+
+
+def cmd_train(argv: list[str]) -> int:
+    from instructblip.training import train
+
+    train(train_config(argv))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    from instructblip.evaluation.runner import DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, DEFAULT_RANK_BATCH_SIZE
+    from instructblip.evaluation.tasks import BENCHMARKS
+
+    p = argparse.ArgumentParser(
+        prog="instructblip eval",
+        description="Zero-shot evaluation on the InstructBLIP paper's held-out benchmarks (Table 1), with the "
+                    "paper's prompts, inference modes, generation settings and metrics. Data-parallel under "
+                    "torchrun (python -m torch.distributed.run --nproc_per_node N -m instructblip eval ...).",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--benchmark", "-b", help=f"one or more (comma-separated) of: {', '.join(BENCHMARKS)}")
+    what.add_argument("--all", action="store_true", help="all 13 held-out benchmarks; --data holds one folder each "
+                                                         "(named as the benchmarks), and a Table 1 is printed")
+    what.add_argument("--list", action="store_true", help="list the benchmarks, their files and where to get them")
+    p.add_argument("--model", default=None, help="a local HF-layout directory or hub id (default: the shipped model)")
+    p.add_argument("--data", default=None, help="the dataset's directory (with several benchmarks: their parent)")
+    p.add_argument("--split", default=None, help="default: the split the paper reports")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help=f"results directory (default {DEFAULT_OUTPUT}/)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per forward (default 8)")
+    p.add_argument("--rank-batch-size", type=int, default=DEFAULT_RANK_BATCH_SIZE,
+                   help=f"(sample, candidate) rows per forward when ranking (default {DEFAULT_RANK_BATCH_SIZE})")
+    p.add_argument("--mode", choices=["generate", "rank"], default=None,
+                   help="inference mode where a benchmark supports both (default: the paper's)")
+    p.add_argument("--prompt", default=None, help="easy-vqa only: the instruction template, with {question}")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 dynamic quantization of the LLM, for CPU inference")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from instructblip.evaluation.runner import describe_benchmarks, evaluate_benchmarks
+    from instructblip.evaluation.tasks import BENCHMARKS, HELD_OUT, MissingDataError
+
+    args = eval_parser().parse_args(argv)
+    if args.list:
+        print(describe_benchmarks())
+        return 0
+    names = list(HELD_OUT) if args.all else [n.strip() for n in args.benchmark.split(",") if n.strip()]
+    for name in names:
+        if name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    several = len(names) > 1
+    if several and args.split:
+        raise ValueError("--split applies to one benchmark; each of several runs its paper split")
+    if (several or args.all) and args.data is None:
+        raise ValueError("--data must name the folder holding one subfolder per benchmark")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise MissingDataError(f"--data {args.data} is not a directory")
+    evaluate_benchmarks(args.model, names, args.data, split=args.split, limit=args.limit, output_dir=args.output,
+                        batch_size=args.batch_size, rank_batch_size=args.rank_batch_size, mode=args.mode,
+                        prompt=args.prompt, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                        progress=not args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# serve: flags for ServerConfig, plus where to bind and what to load
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from instructblip.serving.protocol import ServerConfig
+
+    p = argparse.ArgumentParser(prog="instructblip serve", description="An OpenAI-compatible InstructBLIP server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ServerConfig()
+    p.add_argument("--model", default=None, help="a local HF-layout directory or a hub id (default: the small "
+                   "model shipped inside)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 dynamic quantization of the LLM, for CPU inference")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the directory name or hub id)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set $INSTRUCTBLIP_API_KEY, "
+                   "which keeps the key out of the process list)")
+    g = p.add_argument_group("images")
+    g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    g.add_argument("--allowed-local-media-path", default=None, help="allow file:// image URLs under this directory")
+    g.add_argument("--image-fetch-timeout", type=float, default=d.image_fetch_timeout, help="seconds per fetch")
+    g.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / 2**20)
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-tokens", type=int, default=d.default_max_tokens, help="max_tokens when a request has none")
+    g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds, arrival to last token")
+    g.add_argument("--max-connections", type=int, default=256, help="open connections before uvicorn answers 503")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
+    g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")
+    g.add_argument("--vision-cache-size", type=int, default=64, help="images whose vision features are kept")
+    g = p.add_argument_group("defaults")
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="search when a request has no temperature")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    g.add_argument("--history", choices=["last", "fold"], default=d.history,
+                   help="last: only the last user message; fold: earlier turns go into the prompt")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    from instructblip.serving.protocol import ServerConfig
+
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens", "max_tokens_limit", "num_beams",
+                 "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_tokens > args.max_tokens_limit:
+        raise ValueError("--max-tokens must not exceed --max-tokens-limit")
+    if args.served_model_name:
+        name = args.served_model_name
+    elif args.model is None:
+        name = "instructblip"
+    else:
+        name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
+    return ServerConfig(
+        model_name=name, api_key=args.api_key or os.environ.get("INSTRUCTBLIP_API_KEY") or None,
+        max_batch_size=args.max_batch_size,
+        batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, request_timeout=args.request_timeout,
+        max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
+        max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+        default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit, num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty, history=args.history,
+        allow_remote_images=args.allow_remote_images, allowed_local_media_path=args.allowed_local_media_path,
+        image_fetch_timeout=args.image_fetch_timeout,
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(host: str, api_key: str | None, allow_remote_images: bool) -> list[str]:
+    out = []
+    if not is_loopback_host(host) and not api_key:
+        out.append(f"serving on {host} without --api-key: anyone who can reach this address can use the model")
+    if allow_remote_images:
+        out.append("--allow-remote-images: the server fetches image URLs it is sent (public addresses only)")
+    return out
+
+
+def cmd_serve(argv: list[str]) -> int:
+    """Load the model and serve it until interrupted."""
+    import logging
+
+    import uvicorn
+
+    from instructblip.api import load
+    from instructblip.serving.app import create_app
+
+    args = serve_parser().parse_args(argv)
+    config = serve_config(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    log = logging.getLogger("instructblip.serving.app")  # the server's log lines carry one name
+    for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
+        log.warning(warning)
+    vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size,
+               quantize=args.quantize)
+    app = create_app(vlm, config)
+    log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
+                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 COMMANDS = {"ask": cmd_ask, "caption": cmd_caption, "batch": cmd_batch, "info": cmd_info,
-            "convert-lavis": cmd_convert_lavis, "bench": cmd_bench}
-# commands with flags of their own: module.main(argv) parses the rest of the command line
-DELEGATED = {
-    "train": ("instructblip.training.train", "instruction-tune a model (torchrun-ready)"),
-    "eval": ("instructblip.evaluation.runner", "zero-shot evaluation on the paper's benchmarks"),
-    "serve": ("instructblip.serving.app", "an OpenAI-compatible HTTP server with a web page"),
+            "convert-lavis": cmd_convert_lavis}
+# commands with a parser of their own (the rest of the command line goes to it), so that their usage and errors name
+# them ("instructblip serve: error: unrecognized arguments: ..."), as a subparser's would not
+OWN_PARSER = {
+    "train": (cmd_train, "instruction-tune a model (torchrun-ready)"),
+    "eval": (cmd_eval, "zero-shot evaluation on the paper's benchmarks"),
+    "serve": (cmd_serve, "an OpenAI-compatible HTTP server with a web page"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
+    if argv and argv[0] in OWN_PARSER:
         command, rest = argv[0], argv[1:]
-        run = lambda: importlib.import_module(DELEGATED[command][0]).main(rest)  # noqa: E731
+        run = lambda: OWN_PARSER[command][0](rest)  # noqa: E731
     else:
         args = build_parser().parse_args(argv)
         command = args.command

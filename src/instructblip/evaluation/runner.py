@@ -1,11 +1,12 @@
-"""`instructblip eval`: the paper's zero-shot protocol on its 13 held-out benchmarks, one command each.
+"""The paper's zero-shot protocol on its 13 held-out benchmarks (`instructblip eval`), one call each.
 
     instructblip eval --model M --benchmark gqa --data data/gqa [--split testdev] [--limit N] [--output DIR]
     instructblip eval --model M --all --data data/            # data/<benchmark>/ each; prints Table 1
     instructblip eval --list                                   # benchmarks, expected files, where to get them
     torchrun --nproc_per_node 8 -m instructblip eval ...       # data-parallel; same predictions as one process
 
-Python: `evaluate(model, "gqa", "data/gqa", output_dir="eval_results")` returns the results dict.
+Python: `evaluate(model, "gqa", "data/gqa", output_dir="eval_results")` returns the results dict;
+`evaluate_benchmarks` runs several with one model and prints Table 1, as the command does.
 
 Outputs, in `--output` (default `eval_results/`), named `<benchmark>_<split>[_<mode>]`:
 - `.predictions.jsonl`: one JSON line per sample (`id`, the sample's fields, `prompt`, `target`, `prediction`,
@@ -24,7 +25,6 @@ or POSIX-append-safe filesystem); rank 0 gathers the records, scores them and wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -340,42 +340,11 @@ def format_table(ours: dict[str, float | None], model_name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the command line
+# several benchmarks with one model (`instructblip eval`)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="instructblip eval",
-        description="Zero-shot evaluation on the InstructBLIP paper's held-out benchmarks (Table 1), with the "
-                    "paper's prompts, inference modes, generation settings and metrics. Data-parallel under "
-                    "torchrun (python -m torch.distributed.run --nproc_per_node N -m instructblip eval ...).",
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--benchmark", "-b", help=f"one or more (comma-separated) of: {', '.join(BENCHMARKS)}")
-    what.add_argument("--all", action="store_true", help="all 13 held-out benchmarks; --data holds one folder each "
-                                                         "(named as the benchmarks), and a Table 1 is printed")
-    what.add_argument("--list", action="store_true", help="list the benchmarks, their files and where to get them")
-    p.add_argument("--model", default=None, help="a local HF-layout directory or hub id (default: the shipped model)")
-    p.add_argument("--data", default=None, help="the dataset's directory (with several benchmarks: their parent)")
-    p.add_argument("--split", default=None, help="default: the split the paper reports")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
-    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help=f"results directory (default {DEFAULT_OUTPUT}/)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per forward (default 8)")
-    p.add_argument("--rank-batch-size", type=int, default=DEFAULT_RANK_BATCH_SIZE,
-                   help=f"(sample, candidate) rows per forward when ranking (default {DEFAULT_RANK_BATCH_SIZE})")
-    p.add_argument("--mode", choices=["generate", "rank"], default=None,
-                   help="inference mode where a benchmark supports both (default: the paper's)")
-    p.add_argument("--prompt", default=None, help="easy-vqa only: the instruction template, with {question}")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 dynamic quantization of the LLM, for CPU inference")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
-
-
-def _describe() -> str:
+def describe_benchmarks() -> str:
+    """One entry per benchmark: title, metric, modes, splits, the files expected and where to get them."""
     lines = []
     for name, cls in BENCHMARKS.items():
         modes = "/".join(cls.modes)
@@ -385,68 +354,60 @@ def _describe() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`instructblip eval ARGS`. User errors raise ValueError / FileNotFoundError (the CLI prints one line, exit 2)."""
-    args = build_parser().parse_args(argv)
-    if args.list:
-        print(_describe())
-        return 0
-    names = list(HELD_OUT) if args.all else [n.strip() for n in args.benchmark.split(",") if n.strip()]
-    for name in names:
-        if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-    several = len(names) > 1
-    if several and args.split:
-        raise ValueError("--split applies to one benchmark; each of several runs its paper split")
-    if (several or args.all) and args.data is None:
-        raise ValueError("--data must name the folder holding one subfolder per benchmark")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise MissingDataError(f"--data {args.data} is not a directory")
+def evaluate_benchmarks(model: str | None, names: list[str], data: str | None, split: str | None = None,
+                        limit: int | None = None, output_dir: str = DEFAULT_OUTPUT,
+                        batch_size: int = DEFAULT_BATCH_SIZE, rank_batch_size: int = DEFAULT_RANK_BATCH_SIZE,
+                        mode: str | None = None, prompt: str | None = None, device: str = "auto", dtype: str = "auto",
+                        quantize: str | None = None, progress: bool = True) -> dict[str, float | None]:
+    """Evaluate the model `model` (a directory or hub id; None: the shipped model) on `names`, printing one line per
+    benchmark and, for several, the paper's Table 1 with ours added (also written to `output_dir`/table1.md).
 
+    With several benchmarks, `data` holds one folder per benchmark (a benchmark without one is skipped, with a
+    message), `mode` applies to those that support it, and each runs its paper split. Every benchmark's annotations
+    are read before the model is loaded, so that missing data is reported first. Returns benchmark -> score.
+    """
     from instructblip.api import load
 
-    # read every benchmark's annotations first: missing data is reported before a large model is loaded
+    several = len(names) > 1
     jobs = []
     for name in names:
         # with several benchmarks, --mode applies to those that support it; one benchmark must support it
-        mode = args.mode if not several or args.mode in BENCHMARKS[name].modes else None
-        options: dict[str, Any] = {"mode": mode}
-        if args.prompt is not None:
+        options: dict[str, Any] = {"mode": mode if not several or mode in BENCHMARKS[name].modes else None}
+        if prompt is not None:
             if name != "easy-vqa":
                 raise ValueError("--prompt is for easy-vqa only; the paper's benchmarks use the paper's prompts")
-            options["prompt"] = args.prompt
+            options["prompt"] = prompt
         bench = get_benchmark(name, **options)
-        data = args.data
+        folder = data
         if several:
-            data = os.path.join(args.data, name)
-            if name == "easy-vqa" and not os.path.isdir(data):
-                data = None  # the data come with the package
+            folder = os.path.join(data, name)
+            if name == "easy-vqa" and not os.path.isdir(folder):
+                folder = None  # the data come with the package
         try:
-            jobs.append((bench, bench.load(data, args.split)))
+            jobs.append((bench, bench.load(folder, split)))
         except MissingDataError as e:
             if not several:
                 raise
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"{name}: skipped, {e}", file=sys.stderr)
     if not jobs:
-        raise MissingDataError(f"no benchmark data found under {args.data}; run `instructblip eval --list` to see "
+        raise MissingDataError(f"no benchmark data found under {data}; run `instructblip eval --list` to see "
                                f"the folders and files expected")
 
     initialised_here = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
         torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world = _dist(torch.cuda.is_available() and args.device in ("auto", "cuda"))
-    device = args.device
+    rank, world = _dist(torch.cuda.is_available() and device in ("auto", "cuda"))
     if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model_name = args.model or "default model"
-    vlm = load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
+    model_name = model or "default model"
+    vlm = load(model, device=device, dtype=dtype, quantize=quantize)
     scores: dict[str, float | None] = {}
     try:
         for bench, samples in jobs:
             name = bench.name
-            results = evaluate(vlm, bench, split=args.split, limit=args.limit, output_dir=args.output,
-                               batch_size=args.batch_size, rank_batch_size=args.rank_batch_size,
-                               model_name=model_name, progress=not args.quiet, samples=samples)
+            results = evaluate(vlm, bench, split=split, limit=limit, output_dir=output_dir, batch_size=batch_size,
+                               rank_batch_size=rank_batch_size, model_name=model_name, progress=progress,
+                               samples=samples)
             scores[name] = results["score"]
             if rank == 0:
                 others = ", ".join(f"{k} {v:.2f}" for k, v in results["metrics"].items() if k != results["metric"])
@@ -457,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         if several and rank == 0:
             table = format_table(scores, model_name)
             print(table)
-            Path(args.output).mkdir(parents=True, exist_ok=True)
-            _write_atomic(Path(args.output) / "table1.md", table + "\n")
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            _write_atomic(Path(output_dir) / "table1.md", table + "\n")
     finally:
         if initialised_here and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return scores

@@ -26,9 +26,13 @@ from __future__ import annotations
 import random
 import string
 
+# the paper's zero-shot captioning instruction (appendix E, NoCaps and Flickr30K), also one of the training templates;
+# the default of `caption` in the API, the CLI and the server
+CAPTION_PROMPT = "A short image description:"
+
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "A short image caption:",
-    "A short image description:",
+    CAPTION_PROMPT,
     "A photo of",
     "An image that shows",
     "Write a short description for the image.",

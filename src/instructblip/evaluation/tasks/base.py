@@ -1,5 +1,5 @@
-"""What every benchmark adapter shares: `Sample`, the `Benchmark` base class, the paper's prompts and LAVIS'
-generation settings (RECIPE.md §1.6, §2.3), and small file helpers that fail with a message naming the expected
+"""What every benchmark adapter shares: `Sample`, the `Benchmark` base class, the paper's prompts (its appendix E)
+and LAVIS' generation settings (docs/recipe.md), and small file helpers that fail with a message naming the expected
 files and where to get them."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from instructblip.evaluation.metrics import normalize_answer
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the paper's zero-shot instructions (appendix E; RECIPE.md §1.6). "<Image>" in the paper = the query tokens first.
+# the paper's zero-shot instructions (appendix E; the captioning one, CAPTION_PROMPT, is shared with the API and lives
+# in processing/templates.py). "<Image>" in the paper = the query tokens first.
 
-CAPTION_PROMPT = "A short image description:"
 VQA_PROMPT = "Question: {question} Short answer:"
 TEXTVQA_PROMPT = "OCR tokens: {ocr}. Question: {question} Short answer:"
 ICONQA_PROMPT = "Question: {question} Options: {options}. Short answer:"

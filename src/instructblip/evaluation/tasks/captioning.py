@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from instructblip.evaluation.metrics import caption_metrics
-from instructblip.evaluation.tasks.base import CAPTION_GENERATION, CAPTION_PROMPT, Benchmark, Sample, read_json
+from instructblip.evaluation.tasks.base import CAPTION_GENERATION, Benchmark, Sample, read_json
+from instructblip.processing.templates import CAPTION_PROMPT
 
 
 def _caption_scores(results: list[tuple[Sample, dict]]) -> dict[str, float]:

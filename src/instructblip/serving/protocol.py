@@ -1,0 +1,315 @@
+"""What the server accepts and how a request becomes model inputs: OpenAI's chat-completions schema, its errors, and
+the mapping of a chat to (instruction, prompt, image) and to decoding settings.
+
+How a chat becomes an InstructBLIP input:
+- exactly one image per request (the model looks at one image): an `image_url` part in any message; none or more
+  than one is a 400, refused before any image is decoded.
+- the instruction is the text of the last message, which must come from the user (its text parts joined by
+  newlines). An empty instruction captions the image (CAPTION_PROMPT, the paper's prompt).
+- earlier turns and system messages: `--history last` (default) leaves them out, which is what InstructBLIP was
+  trained on; `--history fold` writes them into the language model's prompt ("Question: ... Answer: ...") before the
+  instruction. The Q-Former always gets the last instruction alone: it picks what to look at in the image.
+
+Decoding, per request:
+- no `temperature` (and no `num_beams`): InstructBLIP's recommended settings, as `instructblip ask`: beam search
+  (`--num-beams`, 5) for plain requests, greedy for `stream: true`; with `n` > 1, the n best beams.
+- `temperature: 0`: greedy (`n` > 1 returns n copies); `temperature` > 0 (or `top_p` alone): sampling.
+- extra fields (the OpenAI client's `extra_body`): `num_beams`, `repetition_penalty` (default `--repetition-penalty`,
+  1.5), `length_penalty`, `min_tokens`, `top_k`.
+- `max_tokens` / `max_completion_tokens` (default `--max-tokens`), `stop` (up to 4 strings; the text is cut before
+  the first), `seed` (sampling), `n`, `stream`, `stream_options.include_usage`.
+- not supported (400 when asked for): logprobs, tools, non-text `response_format`, presence/frequency penalties,
+  logit_bias. Unknown fields are ignored.
+
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`APIError`); 500 and 504 carry
+`x-should-retry: false`, so that the OpenAI client does not run an expensive request again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from instructblip.processing.templates import CAPTION_PROMPT
+from instructblip.serving.scheduler import SamplingParams
+
+MAX_N = 8
+MAX_STOP = 4
+MAX_STOP_LENGTH = 256
+MAX_BEAMS = 16
+
+
+@dataclass
+class ServerConfig:
+    """What `create_app` needs besides the model (`instructblip serve` fills it from its flags): limits and defaults for
+    requests, batching, and where images may come from."""
+
+    model_name: str = "instructblip"  # the id clients send as `model` (and /v1/models lists)
+    api_key: str | None = None
+    max_batch_size: int = 16
+    batch_wait: float = 0.005  # seconds the worker waits for more requests once one has arrived
+    max_queue: int = 64
+    request_timeout: float = 300.0  # seconds from arrival to the last token
+    max_body_bytes: int = 20 * 1024 * 1024
+    body_timeout: float = 60.0  # seconds to receive the whole body
+    max_image_bytes: int = 15 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_prompt_tokens: int = 512
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    num_beams: int = 5  # the default search when a request names no temperature
+    repetition_penalty: float = 1.5
+    history: Literal["last", "fold"] = "last"
+    allow_remote_images: bool = False
+    allowed_local_media_path: str | None = None
+    image_fetch_timeout: float = 5.0
+    image_workers: int = 4  # images decoded at once
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = dict(headers or {})
+        if status in (500, 504):
+            self.headers.setdefault("x-should-retry", "false")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the request (fields the OpenAI client sends; unknown ones are ignored; numbers are not coerced from strings)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class ChatRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    user: str | None = None
+    # InstructBLIP's own settings (`extra_body`)
+    num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS)
+    repetition_penalty: float | None = Field(None, gt=0)
+    length_penalty: float | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        param, message = _validation_message(e)
+        raise bad_request(f"{param}: {message}" if param else message, param=param) from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "ImageURL", "TextPart", "ImagePart", "Message", "StreamOptions"}
+
+
+def _validation_message(error: ValidationError) -> tuple[str | None, str]:
+    """The most specific problem: pydantic reports each branch of a union; keep the deepest location, drop the
+    branch names from it ("messages.0.content.0.image_url.url"), and join what the branches said there."""
+    by_param: dict[str, list[str]] = {}
+    for e in error.errors():
+        parts: list[str] = []
+        for p in e["loc"]:
+            p = str(p)
+            if "[" in p or p in _TYPE_TAGS or (parts and parts[-1] == p):
+                continue
+            parts.append(p)
+        messages = by_param.setdefault(".".join(parts), [])
+        if e["msg"] not in messages:
+            messages.append(e["msg"])
+    param = max(by_param, key=lambda p: len(p.split(".")) if p else 0)
+    return param or None, " or ".join(by_param[param])
+
+
+@dataclass
+class ChatPlan:
+    """A validated request, before its image is read."""
+
+    instruction: str  # what the Q-Former gets
+    prompt: str  # what the language model gets
+    image_url: str
+    image_param: str  # where the image is in the request, for error messages
+    stream: bool
+    include_usage: bool
+    n: int
+
+
+def plan_chat(req: ChatRequest, config: ServerConfig) -> ChatPlan:
+    """Map the messages to (instruction, prompt, image) and check the settings that need no tokenizer."""
+    unsupported = {
+        "logprobs": bool(req.logprobs), "top_logprobs": bool(req.top_logprobs), "tools": bool(req.tools),
+        "functions": bool(req.functions), "logit_bias": bool(req.logit_bias),
+        "presence_penalty": bool(req.presence_penalty), "frequency_penalty": bool(req.frequency_penalty),
+        "response_format": req.response_format is not None and req.response_format.get("type", "text") != "text",
+    }
+    for name, asked in unsupported.items():
+        if asked:
+            raise bad_request(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    images = []
+    for i, message in enumerate(req.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, ImagePart):
+                    images.append((f"messages.{i}.content.{j}.image_url", part.image_url))
+    if not images:
+        raise bad_request("this model needs exactly one image: add an image_url content part", param="messages",
+                          code="image_required")
+    if len(images) > 1:
+        raise bad_request(f"too many images: {len(images)}; this model takes exactly one image per request",
+                          param=images[1][0], code="too_many_images")
+    image_param, image = images[0]
+    last = req.messages[-1]
+    if last.role != "user":
+        raise bad_request(f"the last message must come from the user, not {last.role!r}", param="messages")
+    instruction = _text(last).strip() or CAPTION_PROMPT
+    prompt = instruction
+    if config.history == "fold":
+        turns = []
+        for message in req.messages[:-1]:
+            text = _text(message).strip()
+            if not text:
+                continue
+            label = {"user": "Question: ", "assistant": "Answer: "}.get(message.role, "")
+            turns.append(label + text)
+        prompt = "\n".join([*turns, instruction])
+    stream = bool(req.stream)
+    if req.stream_options is not None and not stream:
+        raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
+    return ChatPlan(
+        instruction=instruction, prompt=prompt, image_url=image if isinstance(image, str) else image.url,
+        image_param=image_param, stream=stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage), n=req.n or 1,
+    )
+
+
+def _text(message: Message) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(p.text for p in message.content if isinstance(p, TextPart))
+
+
+def sampling_params(req: ChatRequest, config: ServerConfig, prompt_positions: int, context: int | None
+                    ) -> SamplingParams:
+    """The decoding settings of a request (see the module docstring). `prompt_positions`: the language model's
+    input length; `context`: its position limit (None for T5)."""
+    explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_new = config.default_max_tokens if explicit is None else explicit
+    if max_new > config.max_tokens_limit:
+        raise bad_request(f"{name}={max_new} is above this server's limit of {config.max_tokens_limit}", param=name)
+    if context is not None and prompt_positions + max_new > context:
+        room = context - prompt_positions
+        if explicit is not None or room < 1:
+            raise bad_request(f"this model's context is {context} tokens; the prompt takes {prompt_positions}, which "
+                              f"leaves {max(room, 0)} for the answer, and {max_new} were asked for", param=name,
+                              code="context_length_exceeded")
+        max_new = room
+    min_new = req.min_tokens or 0
+    if min_new > max_new:
+        raise bad_request(f"min_tokens={min_new} is above the {name} of {max_new}", param="min_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
+    if any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
+        raise bad_request(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long", param="stop")
+    n = req.n or 1
+    if req.temperature is not None:
+        do_sample = req.temperature > 0
+    else:
+        do_sample = req.top_p is not None
+    if req.num_beams is not None:
+        num_beams = req.num_beams
+    elif do_sample or req.temperature is not None or req.stream:
+        num_beams = 1
+    else:
+        num_beams = max(config.num_beams, n)
+    if num_beams > 1 and req.stream:
+        raise bad_request("streaming works with greedy decoding or sampling, not with num_beams > 1", param="num_beams")
+    if num_beams > 1 and n > num_beams:
+        raise bad_request(f"n={n} needs num_beams >= n with beam search, got num_beams={num_beams}", param="n")
+    return SamplingParams(
+        max_new_tokens=max_new, min_new_tokens=min_new, do_sample=do_sample,
+        temperature=req.temperature if do_sample and req.temperature is not None else 1.0,
+        top_p=req.top_p if req.top_p is not None else 1.0, top_k=req.top_k or 0, num_beams=num_beams,
+        length_penalty=req.length_penalty if req.length_penalty is not None else 1.0,
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else config.repetition_penalty,
+        n=n, stop=tuple(stop), seed=req.seed,
+    )
