@@ -8,6 +8,7 @@ the same on the weight packed in oneDNN's layout (what `ops.Linear` layers use w
 alternating, and prints the best time of each with the speed-ups of the two oneDNN routes over `F.linear`.
 `ops.linear` takes the few-row route up to `ops.MAX_ROWS` rows and oneDNN above (when no gradient is needed). Each
 weight is used call after call, so the smaller ones stay in cache: whole-model runs (`bench.py`) are what counts.
+docs/performance.md ("CPU linear routes") has the measurements each route's choice rests on.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The fast linear routes of `instructblip.accel.cpu_linear` against `F.linear`, alone and inside whole models.
 
 The tiny models of the other tests have weights below `ops.MIN_WEIGHT`, so they never take these routes; the models
-here are just wide enough (256) that every projection does: more than 16 rows go to oneDNN, decoding's few rows to
-the transposed product or, on some AVX-512 CPUs, to oneDNN too. The `few_rows` fixture runs a test with each choice,
-whatever the CPU.
+here (loaded by `from_pretrained`, which puts `ops.Linear` in: `accel.optimize`) are just wide enough (256) that every
+projection does: more than 16 rows go to oneDNN, decoding's few rows to the transposed product or, on some AVX-512
+CPUs, to oneDNN too. The `few_rows` fixture runs a test with each choice, whatever the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from instructblip import InstructBlipForConditionalGeneration
 from instructblip.accel import cpu_linear as ops
+from instructblip.weights.checkpoint import save_pretrained
 
 FAMILIES = ["llama", "t5"]
 EVERY = frozenset(range(1, ops.MAX_ROWS + 1))
@@ -301,36 +302,63 @@ def test_a_weight_held_by_a_graph_stays_plain_until_released(packed_layer):
 
 
 @packing
-def test_decoding_layers_are_packed_for_three_sequences_or_more(packed_layer, monkeypatch):
-    """`for_decoding`: a decoder's layer never packs itself, whatever its row count (one or two rows and a prompt's
-    many rows run faster on the plain routes); `pack_for_decoding` packs it before 3 or more sequences are decoded
-    at once, only without gradients and with packing on, and from then on every call uses the packed weight."""
+def test_decoding_layers_pack_on_a_decoding_step_of_three_sequences_or_more(packed_layer, monkeypatch):
+    """`for_decoding`: a decoder's layer packs itself only on a decoding step (one position per sequence) of 3 or more
+    sequences, without gradients and with packing on (one or two rows, and a prompt's many rows, run faster on the
+    plain routes), and from then on every call uses the packed weight; other layers pack on their first call."""
     layer, w, b = packed_layer
-    assert ops.for_decoding(layer) is layer and not layer.autopack
+    assert ops.for_decoding(layer) is layer and layer.decoding
     g = torch.Generator().manual_seed(5)
-    with torch.inference_mode():
-        for shape in [(300,), (1, 1, 300), (2, 300), (5, 300), (1, 17, 300), (40, 300)]:
+    with torch.inference_mode():  # one or two sequences, prefills (a short prompt's too: 10 rows), a lone vector
+        for shape in [(300,), (1, 300), (1, 1, 300), (2, 300), (2, 1, 300), (1, 10, 300), (3, 6, 300), (1, 40, 300)]:
             x = torch.randn(shape, generator=g)
             torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
             assert not layer.packed, shape
-        ops.pack_for_decoding(layer, rows=2)
-        assert not layer.packed
-    ops.pack_for_decoding(layer, rows=5)  # gradients enabled: a training loop's forward, left alone
+    x = torch.randn(5, 1, 300, generator=g)
+    layer(x)  # gradients enabled and a weight that requires one: a training loop's forward, left alone
     assert not layer.packed
     monkeypatch.setattr(ops, "PACK", False)
     with torch.inference_mode():
-        ops.pack_for_decoding(layer, rows=5)
+        layer(x)
         assert not layer.packed
         monkeypatch.setattr(ops, "PACK", True)
-        ops.pack_for_decoding(layer, rows=ops.PACK_DECODING_ROWS)
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)  # a step of 5 sequences
         assert layer.packed
         one = torch.randn(1, 300, generator=g)
         torch.testing.assert_close(layer(one), F.linear(one, w, b), rtol=1e-5, atol=1e-4)
         assert layer.packed  # stays packed
+    for shape in [(3, 300), (16, 1, 300), (40, 1, 300)]:  # (N, in) and (N, 1, in) from 3 sequences, any count
+        fresh = ops.for_decoding(ops.Linear(300, 500))
+        with torch.no_grad():
+            fresh(torch.randn(shape, generator=g))
+        assert fresh.packed, shape
     fresh = ops.Linear(300, 500)
     with torch.inference_mode():
         fresh(torch.randn(1, 300))
-    assert fresh.packed and fresh.autopack  # other layers pack themselves on their first call
+    assert fresh.packed and not fresh.decoding  # other layers pack themselves on their first call
+
+
+@packing
+def test_pack_for_decoding_packs_ahead_of_the_first_step(packed_layer, monkeypatch):
+    """`pack_for_decoding` (generation's call before its first step): the decoder's layers under a module packed for
+    3 or more rows, only without gradients and with packing on; other layers left to their own first call."""
+    layer, w, b = packed_layer
+    other = ops.Linear(300, 500)
+    module = torch.nn.Sequential(ops.for_decoding(layer), other)
+    with torch.inference_mode():
+        ops.pack_for_decoding(module, rows=2)
+        assert not layer.packed
+    ops.pack_for_decoding(module, rows=5)  # gradients enabled
+    assert not layer.packed
+    monkeypatch.setattr(ops, "PACK", False)
+    with torch.inference_mode():
+        ops.pack_for_decoding(module, rows=5)
+        assert not layer.packed
+        monkeypatch.setattr(ops, "PACK", True)
+        ops.pack_for_decoding(module, rows=ops.PACK_DECODING_ROWS)
+        assert layer.packed and not other.packed
+        x = torch.randn(1, 300)
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 @packing
@@ -345,7 +373,10 @@ def test_batch_one_decodes_on_plain_weights_and_beams_pack_them(family, tmp_path
     x = {k: v[:1] for k, v in wide_inputs().items()}
     lm = ours.language_model
     decoder = [m for m in (lm.decoder if family == "t5" else lm).modules() if isinstance(m, ops.Linear)]
-    decoder += [lm.lm_head] if lm.lm_head is not None else []
+    decoder += [lm.lm_head] if family == "t5" else []
+    if family == "t5":  # the cross-attention's keys and values are projected once per generation, from the encoder
+        decoder = [m for m in decoder if all(m is not block.cross.kv for block in lm.decoder.layers)]
+    assert {id(m) for m in decoder} == {id(m) for m in ours.modules() if isinstance(m, ops.Linear) and m.decoding}
     with torch.no_grad():
         names = op_names(lambda: ours.generate(**x, max_new_tokens=8))
         assert "aten::bmm" in names and not any(m.packed for m in decoder)
@@ -353,7 +384,7 @@ def test_batch_one_decodes_on_plain_weights_and_beams_pack_them(family, tmp_path
                    and m.weight.numel() >= ops.MIN_WEIGHT)
         greedy = ours.generate(**x, max_new_tokens=8)
         beams = ours.generate(**x, max_new_tokens=8, num_beams=3)
-        assert any(m.packed for m in decoder)
+        assert all(m.packed for m in decoder)
         again = ours.generate(**x, max_new_tokens=8)  # one row on packed weights now
         monkeypatch.setattr(ops, "PACK", False)
         ops.unpack(ours)
@@ -383,6 +414,15 @@ def test_packed_model_saves_plain_weights_that_transformers_loads(family, tmp_pa
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert torch.equal(ours.generate(**x, max_new_tokens=6), before)  # packs again, same tokens
+    packed = [m for m in ours.modules() if isinstance(m, ops.Linear) and m.packed]
+    assert packed
+    save_pretrained(ours, tmp_path / "direct")  # weights/ knows nothing of packing: state_dict's dense copies
+    assert all(m.packed for m in packed)
+    files = sorted(p.name for p in (tmp_path / "ours").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "direct").iterdir())
+    for name in files:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    with torch.no_grad():
         ours.quantize_int8()  # quantizing reads the plain weights
         assert ours.generate(**x, max_new_tokens=6).shape[0] == before.shape[0]
 

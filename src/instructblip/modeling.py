@@ -21,15 +21,23 @@ class InstructBlipModel(InstructBlipNetwork):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device = "cpu", **kwargs):
+                        device: str | torch.device = "cpu", optimize: bool = True, **kwargs):
         """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
-        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`."""
+        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`.
+
+        optimize: on the CPU in float32, put in the fast CPU layers (`instructblip.accel.optimize`: faster linear
+        routes, packed weights, in-place GELU; the same parameters and state-dict keys, results equal up to float
+        rounding; see docs/performance.md). False keeps the plain torch layers. Other devices and dtypes get plain
+        layers either way."""
+        from instructblip import accel
         from instructblip.weights.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+        model = load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+        return accel.optimize(model) if optimize else model
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
+        from instructblip.accel.cpu_linear import unpack
         from instructblip.weights.checkpoint import save_pretrained
 
         if not safe_serialization:
@@ -37,6 +45,7 @@ class InstructBlipModel(InstructBlipNetwork):
         if self.quantized:
             raise ValueError(f"this model is {self.quantized}-quantized, for inference only; save the float32 model "
                              "and quantize it after loading")
+        unpack(self)  # packed weights plain in place: state_dict() would hand out a dense copy of each, all at once
         save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     def quantize_int8(self):

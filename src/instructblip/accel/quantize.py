@@ -45,14 +45,12 @@ class Int8Linear(nn.Module):
         b = bias.detach().float() if bias is not None else None
         self._packed = torch.ops.quantized.linear_prepack(q, b)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """As `ops.Linear`: plus `residual` (a tensor of the output's shape) when given."""
+    def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("an int8-quantized model is for inference only; train the float32 model")
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.quantized.linear_dynamic(flat.float(), self._packed, True)  # 7-bit activations, as on x86
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if residual is None else out + residual
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -76,7 +74,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                          f"{param.device.type}: load it with device='cpu' and dtype='float32' (--device cpu "
                          "--dtype float32), or drop --quantize")
     torch.backends.quantized.engine = next(e for e in _ENGINES if e in torch.backends.quantized.supported_engines)
-    unpack(lm)  # packed float32 weights (ops.Linear) back to plain matrices, which quantizing reads
+    unpack(lm)  # packed float32 weights (cpu_linear.Linear) back to plain matrices, which quantizing reads
     targets = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")

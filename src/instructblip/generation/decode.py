@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from instructblip.accel.cpu_linear import pack_for_decoding
 from instructblip.generation.beam import beam_search
 from instructblip.generation.config import (
     GenerationConfig,
@@ -215,8 +214,6 @@ class Decoding:
             raise StopIteration
         logits = self.logits
         if logits is None:
-            if self.t == 1:  # the first step has the most rows (rows only leave): 3+ pack the decoder (accel)
-                pack_for_decoding(self.lm, self.rows)
             logits = self.lm.step(self.state, self.history[:, -1])
         self.logits = None
         tokens = torch.empty(self.rows, dtype=torch.long, device=logits.device)
@@ -341,7 +338,6 @@ def _generate(model, config: GenerationConfig, inputs: dict, generator, streamer
         copies = max(s.num_beams, s.num_return_sequences)
         index = torch.arange(B, device=logits.device).repeat_interleave(copies)  # (B * copies,)
         state.select(index)
-        pack_for_decoding(lm, index.shape[0])
         ignore = ignore.index_select(0, index) if ignore is not None else None
         return beam_search(lm, state, logits.index_select(0, index), prefix.index_select(0, index), ignore, s)
     run = Decoding(model, prompt, [s] * B, [s.num_return_sequences] * B, prefix, ignore, tokenizer)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instructblip.accel.cpu_linear import Linear
 from instructblip.models.config import InstructBlipConfig
 from instructblip.models.llama import Llama
 from instructblip.models.outputs import EncoderOutput, ImageFeaturesOutput, InstructBlipOutput
@@ -42,7 +41,7 @@ class InstructBlipNetwork(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = InstructBlipQFormerModel(config.qformer_config)
         text = config.text_config
-        self.language_projection = Linear(config.qformer_config.hidden_size, text.hidden_size)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, text.hidden_size)
         if text.is_encoder_decoder:
             self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
         else:

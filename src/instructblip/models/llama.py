@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from instructblip.accel.cpu_linear import Linear, for_decoding, linear
 from instructblip.models.config import LlamaConfig
 
 
@@ -103,12 +102,11 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
-                residual: Tensor | None = None) -> Tensor:
-        """The attention output projected back to (B, T, D), plus `residual` when given (added inside the GEMM)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        """The attention output projected back to (B, T, D)."""
         B, T, _ = x.shape
         H, H_kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(B, T, H + 2 * H_kv, self.head_dim)  # (B, T, H + 2 H_kv, hd)
@@ -125,7 +123,7 @@ class LlamaAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1), residual=residual)  # (B, T, H * hd) -> (B, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * hd) -> (B, T, D)
 
 
 class LlamaBlock(nn.Module):
@@ -134,13 +132,13 @@ class LlamaBlock(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = LlamaAttention(config, layer)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        x = self.attn(self.attn_norm(x), cos, sin, mask, cache, residual=x)  # the residual adds inside the GEMMs
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up, residual=x)
+        return x + self.down(F.silu(gate) * up)
 
 
 class Llama(nn.Module):
@@ -155,9 +153,8 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.has_lm_head = lm_head
         untied = lm_head and not config.tie_word_embeddings
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
         self.gradient_checkpointing = False
-        for_decoding(self)  # weights packed by generation for 3+ sequences at once: see ops.for_decoding
 
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
@@ -218,7 +215,7 @@ class Llama(nn.Module):
         return mask
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed_tokens.weight)
 
     # ---- the decoder interface generation uses (T5 implements the same four methods) ----
 

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from instructblip.accel import cpu_linear as ops
-from instructblip.accel.cpu_linear import Linear
 from instructblip.models.config import InstructBlipQFormerConfig
 from instructblip.models.outputs import EncoderOutput
 
@@ -34,13 +32,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: InstructBlipQFormerConfig):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = config.hidden_dropout_prob
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.dropout(self.fc2(ops.gelu(self.fc1(x))), self.dropout, self.training)
+        h = F.dropout(self.fc2(self.act(self.fc1(x))), self.dropout, self.training)
         return self.norm(h + x)
 
 
@@ -51,14 +50,14 @@ class QFormerLayer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.attn_dropout = config.attention_probs_dropout_prob
         self.dropout = config.hidden_dropout_prob
-        self.qkv = Linear(D, 3 * D)  # self-attention query | key | value
-        self.attn_out = Linear(D, D)
+        self.qkv = nn.Linear(D, 3 * D)  # self-attention query | key | value
+        self.attn_out = nn.Linear(D, D)
         self.attn_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.has_cross_attention = has_cross_attention
         if has_cross_attention:
-            self.cross_q = Linear(D, D)
-            self.cross_kv = Linear(config.encoder_hidden_size, 2 * D)  # key | value over the image features
-            self.cross_out = Linear(D, D)
+            self.cross_q = nn.Linear(D, D)
+            self.cross_kv = nn.Linear(config.encoder_hidden_size, 2 * D)  # key | value over the image features
+            self.cross_out = nn.Linear(D, D)
             self.cross_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.query_ffn = FeedForward(config)
         self.text_ffn = FeedForward(config)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from instructblip.accel.cpu_linear import Linear, for_decoding, linear
 from instructblip.models.config import T5Config
 from instructblip.models.llama import KVCache
 
@@ -68,11 +67,11 @@ class T5Attention(nn.Module):
         inner = config.num_heads * config.d_kv
         self.cross = cross
         if cross:
-            self.q = Linear(config.d_model, inner, bias=False)
-            self.kv = Linear(config.d_model, 2 * inner, bias=False)
+            self.q = nn.Linear(config.d_model, inner, bias=False)
+            self.kv = nn.Linear(config.d_model, 2 * inner, bias=False)
         else:
-            self.qkv = Linear(config.d_model, 3 * inner, bias=False)
-        self.o = Linear(inner, config.d_model, bias=False)
+            self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
         self.dropout = config.dropout_rate
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -84,9 +83,8 @@ class T5Attention(nn.Module):
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, bias: Tensor, kv: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0, residual: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
         # bias: (B or 1, H, T, S) float, position bias plus mask (-inf where not allowed); scores are unscaled
-        # residual: added to the output inside the output projection when given
         B, T, _ = x.shape
         if self.cross:
             q = self._heads(self.q(x))
@@ -98,7 +96,7 @@ class T5Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype), scale=1.0, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.o(out.transpose(1, 2).reshape(B, T, -1), residual=residual)  # (B, T, H * d_kv) -> (B, T, D)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * d_kv) -> (B, T, D)
 
 
 class T5FeedForward(nn.Module):
@@ -106,12 +104,12 @@ class T5FeedForward(nn.Module):
         super().__init__()
         self.gated = config.is_gated_act
         self.d_ff = config.d_ff
-        self.wi = Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=False)  # wi_0 | wi_1
-        self.wo = Linear(config.d_ff, config.d_model, bias=False)
+        self.wi = nn.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=False)  # wi_0 | wi_1
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.act = _ACT[config.dense_act_fn]
         self.dropout = config.dropout_rate
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.gated:
             gate, linear = self.wi(x).chunk(2, dim=-1)
             h = self.act(gate) * linear
@@ -121,11 +119,11 @@ class T5FeedForward(nn.Module):
             h = F.dropout(h, self.dropout, True)
         if isinstance(self.wo, nn.Linear):  # (an int8 layer of quantize.py takes float32 as it is)
             h = h.to(self.wo.weight.dtype)
-        return self.wo(h, residual=residual)
+        return self.wo(h)
 
 
-def _dropout(x: Tensor, p: float) -> Tensor:
-    return F.dropout(x, p, True)
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    return F.dropout(x, p, True) if training and p > 0 else x  # (no call at all in eval: 12 per decoding step)
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -152,16 +150,11 @@ class T5Block(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_bias: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        if not (self.training and self.dropout > 0):  # the residuals added inside the output projections
-            x = _clamp_fp16(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer, residual=x))
-            if self.is_decoder:
-                x = _clamp_fp16(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv, residual=x))
-            return _clamp_fp16(self.ffn(self.ffn_norm(x), residual=x))
-        p = self.dropout
-        x = _clamp_fp16(x + _dropout(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer), p))
+        p, training = self.dropout, self.training
+        x = _clamp_fp16(x + _dropout(self.attn(self.attn_norm(x), bias, cache=cache, layer=self.layer), p, training))
         if self.is_decoder:
-            x = _clamp_fp16(x + _dropout(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv), p))
-        return _clamp_fp16(x + _dropout(self.ffn(self.ffn_norm(x)), p))
+            x = _clamp_fp16(x + _dropout(self.cross(self.cross_norm(x), cross_bias, kv=cross_kv), p, training))
+        return _clamp_fp16(x + _dropout(self.ffn(self.ffn_norm(x)), p, training))
 
 
 def _padding_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -284,10 +277,7 @@ class T5(nn.Module):
         self.decoder = T5Stack(config, is_decoder=True)
         self.has_lm_head = lm_head
         untied = lm_head and not config.tie_word_embeddings
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False) if untied else None
-        for_decoding(self.decoder)  # weights packed by generation for 3+ sequences at once: see ops.for_decoding
-        if self.lm_head is not None:
-            for_decoding(self.lm_head)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False) if untied else None
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -324,7 +314,7 @@ class T5(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model**-0.5
-        return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.shared.weight)
+        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.shared.weight)
 
     def shift_right(self, labels: Tensor) -> Tensor:
         """Decoder inputs for teacher forcing: [decoder_start, labels[:-1]], with -100 replaced by pad."""

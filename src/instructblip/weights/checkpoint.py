@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from instructblip.accel.cpu_linear import unpack
 from instructblip.files import write_json
 from instructblip.hub import resolve_checkpoint_dir
 from instructblip.models.config import CONFIG_NAME, ConfigError, InstructBlipConfig, LlamaConfig, T5Config
@@ -557,7 +556,6 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    unpack(model)  # packed weights back to plain ones in place, not copied next to them
     state = hf_state_dict(model)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
