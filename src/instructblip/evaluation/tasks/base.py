@@ -1,6 +1,6 @@
 """What every benchmark adapter shares: `Sample`, the `Benchmark` base class, the paper's prompts and LAVIS'
-generation settings (RECIPE.md §1.6, §2.3), and small file helpers that fail with a message naming the expected
-files and where to get them."""
+generation settings (docs/recipe.md#prompts, docs/recipe.md#generation-settings), and small file helpers that fail
+with a message naming the expected files and where to get them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from instructblip.evaluation.metrics import normalize_answer
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the paper's zero-shot instructions (appendix E; RECIPE.md §1.6). "<Image>" in the paper = the query tokens first.
+# the paper's zero-shot instructions (appendix E; docs/recipe.md#prompts). "<Image>" in the paper: query tokens first.
 
 CAPTION_PROMPT = "A short image description:"
 VQA_PROMPT = "Question: {question} Short answer:"
