@@ -105,7 +105,8 @@ def test_presets_match_the_real_checkpoints_on_meta(name, total, parts):
         )
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     if total is not None:
-        # vicuna-7b 7.914 B = vision 986.0 M + Q-Former 185.7 M + projection 3.1 M + LLM 6,738.9 M (ARCHITECTURE §2.1)
+        # vicuna-7b 7.914 B = vision 986.0 M + Q-Former 185.7 M + projection 3.1 M + LLM 6,738.9 M
+        # (docs/checkpoints.md#parameter-counts)
         # flan-t5-xl: the 4.155 B there counts the two aliased T5 embed_tokens; the files hold 4.023 B (16.09 GB fp32)
         assert count(ours) == total
         q = ours.qformer

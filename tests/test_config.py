@@ -1,4 +1,4 @@
-"""config.json read and written as the HF layout has it, quirks included (ARCHITECTURE.md §2.4)."""
+"""config.json read and written as the HF layout has it, quirks included (docs/checkpoints.md#config-quirks)."""
 
 import json
 

@@ -1,5 +1,4 @@
-"""The metrics of the InstructBLIP paper's held-out benchmarks (docs/recipe.md lists which benchmark uses which), one
-small function each.
+"""The metrics of the InstructBLIP paper's held-out benchmarks (docs/recipe.md#metrics), one small function each.
 
 Every function returns a fraction (CIDEr may exceed 1); the benchmarks report 100x, as the paper's Table 1 does.
 

@@ -2,7 +2,7 @@
 
 The field names and defaults are those of transformers (`InstructBlipVisionConfig`, `InstructBlipQFormerConfig`,
 `LlamaConfig`, `T5Config`, `InstructBlipConfig`), because hub files omit fields that equal their default.
-Quirks handled here (see ARCHITECTURE.md §2.4):
+Quirks handled here (see docs/checkpoints.md#config-quirks):
 - LLaMA: transformers 5.x writes `rope_parameters: {rope_theta, rope_type}`, 4.x a top-level `rope_theta`.
 - T5: 5.x forces `tie_word_embeddings: true` and keeps the old meaning in `scale_decoder_outputs`; `gated-gelu`
   means the tanh GELU unless `dense_act_fn` is written out (InstructBLIP's configs say `"gelu"`, the exact one).

@@ -2,7 +2,7 @@
 
 LAVIS released the trained parts only (`query_tokens`, `Qformer.bert.*`, `llm_proj`/`t5_proj`, `ln_vision`); the
 vision encoder comes from EVA's own file (`eva_vit_g.pth`) and the LLM from its HF directory. The rename map is the
-one of transformers' `convert_instructblip_original_to_pytorch.py` (ARCHITECTURE.md §2.3):
+one of transformers' `convert_instructblip_original_to_pytorch.py` (docs/checkpoints.md#lavis-conversion):
 
     visual_encoder.cls_token / pos_embed / patch_embed.proj   -> vision_model.embeddings.*
     visual_encoder.blocks.{i}.norm1 / norm2 / attn.proj / mlp  -> vision_model.encoder.layers.{i}.*

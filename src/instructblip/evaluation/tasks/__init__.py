@@ -1,7 +1,7 @@
 """The InstructBLIP paper's 13 held-out zero-shot benchmarks (Table 1), plus easy-vqa, one adapter each.
 
 An adapter reads the dataset's own published files from a local directory (its docstring says which, and where to
-get them), builds the paper's prompt per sample (appendix E; docs/recipe.md), picks the inference mode
+get them), builds the paper's prompt per sample (appendix E; docs/recipe.md#prompts), picks the inference mode
 (open-ended generation, or vocabulary ranking over candidates) and LAVIS' generation settings, and scores the
 predictions with the paper's metric (`instructblip.evaluation.metrics`). Images are preprocessed by the checkpoint's own
 image processor (a 224 x 224 bicubic resize that squashes the aspect ratio, as LAVIS' `blip_image_eval`).
@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, type[Benchmark]] = {b.name: b for b in (
     NoCaps, Flickr30K, GQA, VSR, IconQA, TextVQA, VisualDialog, HatefulMemes, VizWiz, ScienceQA, MSVDQA, MSRVTTQA,
     IVQA, EasyVQA)}
 
-# The paper's Table 1, in HELD_OUT's column order; None = not reported.
+# The paper's Table 1 (docs/recipe.md#table-1), in HELD_OUT's column order; None = not reported.
 TABLE1: dict[str, tuple[float | None, ...]] = {
     "Flamingo-3B": (None, 60.6, None, None, None, 30.1, None, 53.7, 28.9, None, 27.5, 11.0, 32.7),
     "Flamingo-9B": (None, 61.5, None, None, None, 31.8, None, 57.0, 28.8, None, 30.2, 13.7, 35.2),

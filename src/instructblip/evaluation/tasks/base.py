@@ -1,6 +1,6 @@
-"""What every benchmark adapter shares: `Sample`, the `Benchmark` base class, the paper's prompts (its appendix E)
-and LAVIS' generation settings (docs/recipe.md), and small file helpers that fail with a message naming the expected
-files and where to get them."""
+"""What every benchmark adapter shares: `Sample`, the `Benchmark` base class, the paper's prompts and LAVIS'
+generation settings (docs/recipe.md#prompts, docs/recipe.md#generation-settings), and small file helpers that fail
+with a message naming the expected files and where to get them."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 from instructblip.evaluation.metrics import normalize_answer
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the paper's zero-shot instructions (appendix E; the captioning one, CAPTION_PROMPT, is shared with the API and lives
-# in processing/templates.py). "<Image>" in the paper = the query tokens first.
+# the paper's zero-shot instructions (appendix E; docs/recipe.md#prompts); the captioning one, CAPTION_PROMPT, lives in
+# processing/templates.py. "<Image>" in the paper: the query tokens first.
 
 VQA_PROMPT = "Question: {question} Short answer:"
 TEXTVQA_PROMPT = "OCR tokens: {ocr}. Question: {question} Short answer:"

@@ -2,7 +2,7 @@
 
 Each video gives 4 frames sampled uniformly (LAVIS' `alpro_video_eval`, `n_frms: 4`); each frame goes through the
 vision encoder and the Q-Former with the instruction, and the 4 x Q query outputs are concatenated for the LLM
-(docs/recipe.md). A video is a file PyAV can decode or a folder of frame images (sorted by name, numbers in
+(docs/recipe.md#video). A video is a file PyAV can decode or a folder of frame images (sorted by name, numbers in
 natural order). MSVD-QA and MSRVTT-QA rank the answer vocabulary (the paper's vocabulary ranking); iVQA generates.
 """
 
