@@ -177,6 +177,63 @@ def test_non_streaming_answers_like_generate_with_usage_and_ids(server, vlm, ima
     assert r.choices[0].message.content == sampled[0]
 
 
+def test_served_tokens_equal_generate_under_every_setting(server, vlm, images):
+    """The server decodes on the token iterator `generate` runs on: requests sent together (so that they share
+    decoding runs), each with its own settings, give the tokens `generate` gives for each alone, with stop strings
+    applied to the text as `generate(stop_strings=...)` ends the row."""
+    tokenizer = vlm.processor.tokenizer
+    cases = [
+        ("greedy", "astronaut", dict(temperature=0, max_tokens=12), dict(max_new_tokens=12)),
+        ("sampled", "chelsea", dict(temperature=1.3, top_p=0.9, seed=7, max_tokens=10),
+         dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_p=0.9, top_k=0, seed=7)),
+        ("penalty", "coffee", dict(temperature=0, max_tokens=12, extra_body={"repetition_penalty": 2.5}),
+         dict(max_new_tokens=12, repetition_penalty=2.5)),
+        ("ngrams", "chelsea", dict(temperature=0, max_tokens=14,
+                                   extra_body={"no_repeat_ngram_size": 1, "repetition_penalty": 1.0}),
+         dict(max_new_tokens=14, no_repeat_ngram_size=1, repetition_penalty=1.0)),  # its plain answer repeats
+        ("lengths", "camera", dict(temperature=0, max_tokens=9, extra_body={"min_tokens": 8}),
+         dict(max_new_tokens=9, min_new_tokens=8)),
+    ]
+    plain = direct(vlm, images["astronaut"], "What is this?", max_new_tokens=12)[0]
+    stop = plain[3:5]
+    assert stop.strip()
+    cases.append(("stop", "astronaut", dict(temperature=0, max_tokens=12, stop=[stop]),
+                  dict(max_new_tokens=12, stop_strings=[stop], tokenizer=tokenizer)))
+
+    def expected(image: str, generation: dict) -> tuple[str, int]:
+        inputs = vlm.processor(images=[images[image]], text=["What is this?"], return_tensors="pt")
+        row = vlm.model.generate(**inputs, **{"repetition_penalty": 1.5, **generation})[0].tolist()
+        eos = 2
+        ids = row[: row.index(eos)] if eos in row else [t for t in row if t != 0]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if generation.get("stop_strings"):
+            text = text[: text.find(stop)]
+        return text, len(ids) + (eos in row)
+
+    client = openai_client(server)
+    results: dict[str, object] = {}
+
+    def ask(name: str, image: str, fields: dict) -> None:
+        results[name] = client.chat.completions.create(model=MODEL, messages=messages(data_url(images[image])),
+                                                       **fields)
+
+    threads = [threading.Thread(target=ask, args=(name, image, fields)) for name, image, fields, _ in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for name, image, _, generation in cases:
+        text, tokens = expected(image, generation)
+        answer = results[name]
+        assert answer.choices[0].message.content == text, name
+        if name != "stop":
+            assert answer.usage.completion_tokens == tokens, name
+    assert results["lengths"].usage.completion_tokens >= 8
+    assert results["stop"].choices[0].finish_reason == "stop"
+    repeats = expected("chelsea", dict(max_new_tokens=14, repetition_penalty=1.0))[0]
+    assert results["ngrams"].choices[0].message.content != repeats  # the n-gram ban changed the answer
+
+
 def test_streaming_matches_non_streaming_and_ends_with_done(server, vlm, images):
     client = openai_client(server)
     url = data_url(images["chelsea"])

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
 from instructblip.generation.features import VisionCache, image_features
 from instructblip.modeling import InstructBlipForConditionalGeneration
 from instructblip.processing.processor import InstructBlipProcessor
 from instructblip.processing.templates import CAPTION_PROMPT
-
-# LAVIS's generate() defaults (docs/recipe.md, generation settings), with max_length read as new tokens
-ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0)
-# LAVIS's captioning configs: beam 5, max 80, min 10 (with the paper's NoCaps/Flickr prompt, CAPTION_PROMPT)
-CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=80, min_new_tokens=10, repetition_penalty=1.5, length_penalty=1.0)
 
 
 def default_model_dir() -> str:
@@ -110,13 +106,13 @@ class InstructBlip:
         images, instructions, many = self._batch(image, instruction)
         if any(not t.strip() for t in instructions):
             raise ValueError("the instruction is empty; ask something (or use caption())")
-        answers = self._generate(images, instructions, {**self._defaults(ASK_DEFAULTS), **generation})
+        answers = self._generate(images, instructions, self._settings(ANSWER, generation))
         return answers if many else answers[0]
 
     def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **generation: Any) -> str | list[str]:
         """Describe an image (or a list of images) with the paper's captioning prompt and settings."""
         images, prompts, many = self._batch(image, prompt)
-        answers = self._generate(images, prompts, {**self._defaults(CAPTION_DEFAULTS), **generation})
+        answers = self._generate(images, prompts, self._settings(CAPTION, generation))
         return answers if many else answers[0]
 
     def _generate(self, images: list, instructions: list[str], generation: dict) -> list[str]:
@@ -130,17 +126,19 @@ class InstructBlip:
 
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("the instruction must be a non-empty string")
-        settings = {**self._defaults(ASK_DEFAULTS), **generation, "num_beams": 1}
+        settings = self._settings(ANSWER, {**generation, "num_beams": 1})
         inputs = self._inputs([image], [instruction])
         yield from stream(self.model, self.processor.tokenizer, **inputs, **settings)
 
-    def _defaults(self, defaults: dict) -> dict:
-        """The default settings, with max_new_tokens at most half the context of a decoder-only LLM (the small
-        default model has 256 positions), so that the prompt keeps the rest."""
+    def _settings(self, preset: GenerationConfig, generation: dict) -> dict:
+        """Keyword arguments for `generate`: `preset` (the paper's settings, with max_new_tokens at most half the
+        context of a decoder-only LLM, so that the prompt keeps the rest: the small default model has 256
+        positions) updated with the caller's options; other arguments (`generator`, `tokenizer`) pass through."""
         text = self.model.config.text_config
-        if text.is_encoder_decoder:
-            return defaults
-        return {**defaults, "max_new_tokens": min(defaults["max_new_tokens"], text.max_position_embeddings // 2)}
+        if not text.is_encoder_decoder:
+            preset = replace(preset, max_new_tokens=min(preset.max_new_tokens, text.max_position_embeddings // 2))
+        config, rest = GenerationConfig.from_kwargs(preset, **generation)
+        return {"generation_config": config, **rest}
 
     def rank(self, image: Any, instruction: str, candidates: Sequence[str], reduction: str = "sum") -> Ranking:
         """Pick the candidate answer with the highest log-likelihood (the paper's vocabulary ranking)."""

@@ -29,6 +29,7 @@ import typing
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
 from instructblip.processing.templates import CAPTION_PROMPT
 
 if TYPE_CHECKING:
@@ -46,8 +47,10 @@ class UsageError(Exception):
 # Arguments
 
 
-def _generation_flags(parser: argparse.ArgumentParser, beams: int, max_new: int) -> None:
+def _generation_flags(parser: argparse.ArgumentParser, preset: GenerationConfig) -> None:
+    """The decoding flags; their defaults are `preset`'s (the paper's settings: generation.config.ANSWER, CAPTION)."""
     g = parser.add_argument_group("generation")
+    max_new, beams = preset.max_new_tokens, preset.num_beams
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"longest answer in tokens (default {max_new}, at most half the LLM's context)")
     g.add_argument("--min-new-tokens", type=int, default=None, help="shortest answer in tokens")
@@ -56,8 +59,10 @@ def _generation_flags(parser: argparse.ArgumentParser, beams: int, max_new: int)
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--repetition-penalty", type=float, default=1.5, help="LAVIS default 1.5; 1.0 = off")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length**penalty (default 1.0)")
+    g.add_argument("--repetition-penalty", type=float, default=preset.repetition_penalty,
+                   help=f"LAVIS default {preset.repetition_penalty}; 1.0 = off")
+    g.add_argument("--length-penalty", type=float, default=preset.length_penalty,
+                   help=f"beam score / length**penalty (default {preset.length_penalty})")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
@@ -85,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("instruction", help='e.g. "What is unusual about this image?"')
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (greedy/sampling)")
     _model_flags(p)
-    _generation_flags(p, beams=5, max_new=256)
+    _generation_flags(p, ANSWER)
 
     p = sub.add_parser("caption", help="describe one or more images", description="Describe images.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--prompt", default=CAPTION_PROMPT, help="the captioning instruction")
     _model_flags(p)
-    _generation_flags(p, beams=5, max_new=80)
+    _generation_flags(p, CAPTION)
 
     p = sub.add_parser(
         "batch", help="answer many records, resumably",
@@ -104,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default=None, help="the instruction for every image of a folder")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
     _model_flags(p)
-    _generation_flags(p, beams=5, max_new=256)
+    _generation_flags(p, ANSWER)
 
     p = sub.add_parser("info", help="sizes and memory needs of a model", description="Describe a model.")
     p.add_argument("model", nargs="?", default=None, help="directory or hub id (default: the shipped model)")
@@ -130,27 +135,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+    """The decoding flags as keyword arguments for `InstructBlip.ask` / `caption` (the preset fills the rest)."""
+    config = generation_config(args)
+    given = ["num_beams", "repetition_penalty", "length_penalty"]  # flags with defaults: always given
+    given += [name for name in ("max_new_tokens", "min_new_tokens") if getattr(config, name) is not None]
+    if config.do_sample:
+        given += ["do_sample", "temperature", "top_p", "top_k", "seed"]
+    return {name: getattr(config, name) for name in given}
 
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The decoding flags as a `GenerationConfig` (checked: a UsageError names the flag)."""
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
         raise UsageError(f"--num-beams must be at least 1, got {args.num_beams}")
-    out: dict[str, Any] = dict(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
-                               length_penalty=args.length_penalty)
-    if args.max_new_tokens is not None:
-        out["max_new_tokens"] = args.max_new_tokens
-    if args.min_new_tokens is not None:
-        out["min_new_tokens"] = args.min_new_tokens
+    config = GenerationConfig(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                              length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
+                              min_new_tokens=args.min_new_tokens)
     if args.do_sample:
-        out.update(do_sample=True, temperature=args.temperature, num_beams=1)
-        if args.top_p is not None:
-            out["top_p"] = args.top_p
-        if args.top_k is not None:
-            out["top_k"] = args.top_k
-        if args.seed is not None:
-            out["generator"] = torch.Generator().manual_seed(args.seed)
-    return out
+        config = dataclasses.replace(config, do_sample=True, temperature=args.temperature, num_beams=1,
+                                     top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k,
+                                     seed=args.seed)
+    try:
+        config.validate()
+    except ValueError as e:
+        flag = "--" + str(e).split(" ", 1)[0].replace("_", "-")
+        raise UsageError(f"{flag}: {e}") from None
+    return config
 
 
 def _load(args: argparse.Namespace):

@@ -52,6 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from instructblip.generation.config import GenerationConfig
 from instructblip.processing.image import load_image
 from instructblip.serving.media import ImageError, read_image_bytes
 from instructblip.serving.metrics import Metrics, MetricsMiddleware
@@ -61,9 +62,9 @@ from instructblip.serving.protocol import (
     ChatRequest,
     ServerConfig,
     bad_request,
+    generation_config,
     parse_request,
     plan_chat,
-    sampling_params,
 )
 from instructblip.serving.scheduler import (
     ChoiceEnd,
@@ -71,7 +72,6 @@ from instructblip.serving.scheduler import (
     Failed,
     Job,
     QueueFull,
-    SamplingParams,
     Scheduler,
     ShuttingDown,
     TextDelta,
@@ -226,9 +226,9 @@ class _Server:
         req, plan = await self.read_chat(request)
         pixels, qformer_ids, input_ids = await self.model_inputs(plan)
         prompt_tokens = len(input_ids) + self.prepended
-        params = sampling_params(req, self.config, prompt_tokens, self.context)
+        params, n = generation_config(req, self.config, prompt_tokens, self.context)
         deadline = arrived + self.config.request_timeout
-        job, events = self.submit(plan, params, pixels, qformer_ids, input_ids, deadline)
+        job, events = self.submit(plan, params, n, pixels, qformer_ids, input_ids, deadline)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}
         if plan.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -248,7 +248,7 @@ class _Server:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", param="model", code="model_not_found")
         plan = plan_chat(req, self.config)
-        sampling_params(req, self.config, 0, None)  # settings errors before any image work; the context comes later
+        generation_config(req, self.config, 0, None)  # settings errors before any image work; the context comes later
         if max(len(plan.prompt), len(plan.instruction)) > 32 * self.config.max_prompt_tokens:
             raise bad_request(f"the prompt is longer than this server's limit of {self.config.max_prompt_tokens} "
                               "tokens", param="messages", code="prompt_too_long")
@@ -315,7 +315,7 @@ class _Server:
         pixels = torch.from_numpy(encoded["pixel_values"][0])
         return pixels, qformer_ids, encoded["input_ids"][0]
 
-    def submit(self, plan: ChatPlan, params: SamplingParams, pixels: torch.Tensor, qformer_ids: list[int],
+    def submit(self, plan: ChatPlan, params: GenerationConfig, n: int, pixels: torch.Tensor, qformer_ids: list[int],
                input_ids: list[int], deadline: float) -> tuple[Job, asyncio.Queue]:
         """Queue the request for the worker; its events arrive, in batches, on the returned queue."""
         loop = asyncio.get_running_loop()
@@ -325,7 +325,7 @@ class _Server:
             loop.call_soon_threadsafe(events.put_nowait, batch)
 
         job = Job(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=input_ids,
-                  image_tokens=self.image_tokens, params=params, emit=emit, stream=plan.stream, deadline=deadline)
+                  image_tokens=self.image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline)
         try:
             self.scheduler.submit(job)
         except QueueFull:

@@ -15,7 +15,9 @@ Decoding, per request:
   (`--num-beams`, 5) for plain requests, greedy for `stream: true`; with `n` > 1, the n best beams.
 - `temperature: 0`: greedy (`n` > 1 returns n copies); `temperature` > 0 (or `top_p` alone): sampling.
 - extra fields (the OpenAI client's `extra_body`): `num_beams`, `repetition_penalty` (default `--repetition-penalty`,
-  1.5), `length_penalty`, `min_tokens`, `top_k`.
+  1.5), `length_penalty`, `min_tokens`, `top_k`, `no_repeat_ngram_size`.
+- the settings become a `generation.GenerationConfig`, checked by its `validate()` (a 400 naming the field), and run
+  on the same token iterator as `generate`.
 - `max_tokens` / `max_completion_tokens` (default `--max-tokens`), `stop` (up to 4 strings; the text is cut before
   the first), `seed` (sampling), `n`, `stream`, `stream_options.include_usage`.
 - not supported (400 when asked for): logprobs, tools, non-text `response_format`, presence/frequency penalties,
@@ -34,8 +36,8 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from instructblip.generation.config import ANSWER, GenerationConfig
 from instructblip.processing.templates import CAPTION_PROMPT
-from instructblip.serving.scheduler import SamplingParams
 
 MAX_N = 8
 MAX_STOP = 4
@@ -61,8 +63,8 @@ class ServerConfig:
     max_prompt_tokens: int = 512
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
-    num_beams: int = 5  # the default search when a request names no temperature
-    repetition_penalty: float = 1.5
+    num_beams: int = ANSWER.num_beams  # the default search when a request names no temperature
+    repetition_penalty: float = ANSWER.repetition_penalty
     history: Literal["last", "fold"] = "last"
     allow_remote_images: bool = False
     allowed_local_media_path: str | None = None
@@ -160,6 +162,7 @@ class ChatRequest(_Strict):
     length_penalty: float | None = None
     min_tokens: int | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -266,10 +269,10 @@ def _text(message: Message) -> str:
     return "\n".join(p.text for p in message.content if isinstance(p, TextPart))
 
 
-def sampling_params(req: ChatRequest, config: ServerConfig, prompt_positions: int, context: int | None
-                    ) -> SamplingParams:
-    """The decoding settings of a request (see the module docstring). `prompt_positions`: the language model's
-    input length; `context`: its position limit (None for T5)."""
+def generation_config(req: ChatRequest, config: ServerConfig, prompt_positions: int, context: int | None
+                      ) -> tuple[GenerationConfig, int]:
+    """The decoding settings of a request (see the module docstring), validated, and its number of choices `n`.
+    `prompt_positions`: the language model's input length; `context`: its position limit (None for T5)."""
     explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = config.default_max_tokens if explicit is None else explicit
@@ -305,11 +308,25 @@ def sampling_params(req: ChatRequest, config: ServerConfig, prompt_positions: in
         raise bad_request("streaming works with greedy decoding or sampling, not with num_beams > 1", param="num_beams")
     if num_beams > 1 and n > num_beams:
         raise bad_request(f"n={n} needs num_beams >= n with beam search, got num_beams={num_beams}", param="n")
-    return SamplingParams(
+    generation = GenerationConfig(
         max_new_tokens=max_new, min_new_tokens=min_new, do_sample=do_sample,
         temperature=req.temperature if do_sample and req.temperature is not None else 1.0,
         top_p=req.top_p if req.top_p is not None else 1.0, top_k=req.top_k or 0, num_beams=num_beams,
+        num_return_sequences=n if num_beams > 1 else 1,
         length_penalty=req.length_penalty if req.length_penalty is not None else 1.0,
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else config.repetition_penalty,
-        n=n, stop=tuple(stop), seed=req.seed,
+        no_repeat_ngram_size=req.no_repeat_ngram_size or 0, stop_strings=tuple(stop), seed=req.seed,
     )
+    try:
+        generation.validate()
+    except ValueError as e:
+        param = next((f for f in _CHECKED if str(e).startswith(f)), None)
+        raise bad_request(str(e), param=_REQUEST_NAMES.get(param, param)) from None
+    return generation, n
+
+
+# GenerationConfig's fields whose check a request can fail, and their names in the request
+_CHECKED = ("temperature", "top_p", "top_k", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "seed",
+            "stop_strings", "num_return_sequences", "num_beams", "min_new_tokens", "max_new_tokens")
+_REQUEST_NAMES = {"stop_strings": "stop", "num_return_sequences": "n", "min_new_tokens": "min_tokens",
+                  "max_new_tokens": "max_tokens"}

@@ -47,41 +47,6 @@ log = logging.getLogger("instructblip.serving.app")
 # what a request asks for, and what comes back
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding settings of one request, already validated. Lengths count new tokens."""
-
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off (OpenAI has no top_k)
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    repetition_penalty: float = 1.0
-    n: int = 1  # choices; beam search: the n best beams
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def beam(self) -> bool:
-        return self.num_beams > 1
-
-    def generation_config(self) -> GenerationConfig:
-        """The same settings as a `GenerationConfig` for one row (`n` rows are the caller's copies)."""
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-                                do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k, num_beams=self.num_beams, length_penalty=self.length_penalty,
-                                repetition_penalty=self.repetition_penalty, stop_strings=self.stop, seed=self.seed)
-
-    def beam_group(self) -> tuple:
-        """Beam-search requests run together only with identical settings (stop strings are applied afterwards)."""
-        seed = self.seed if self.do_sample else None
-        return (self.max_new_tokens, self.min_new_tokens, self.do_sample, self.temperature, self.top_p, self.top_k,
-                self.num_beams, self.length_penalty, self.repetition_penalty, self.n, seed)
-
-
 @dataclass
 class TextDelta:
     index: int  # choice index
@@ -125,8 +90,9 @@ class Job:
     qformer_input_ids: list[int]  # the instruction in the Q-Former's vocabulary, special tokens included
     input_ids: list[int]  # the language model's prompt: the `<image>` ids (if any), then the text ids
     image_tokens: int  # how many leading ids of `input_ids` are `<image>` ids (kept in front when padding)
-    params: SamplingParams
+    params: GenerationConfig  # validated; lengths in new tokens
     emit: Callable[[list[Event]], None]
+    n: int = 1  # choices: sampled rows, the n best beams, or copies of one greedy row
     stream: bool = False
     deadline: float = float("inf")  # time.monotonic() after which the request has timed out
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -299,7 +265,7 @@ class Scheduler:
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             if job.params.beam:
-                groups.setdefault(job.params.beam_group(), []).append(i)
+                groups.setdefault(_beam_group(job), []).append(i)
         for members in groups.values():
             live = [i for i in members if self._still_wanted(jobs[i])]
             if live:
@@ -324,15 +290,15 @@ class Scheduler:
         L, device = prompt.attention_mask.shape[1], features.device
         settings, copies, rows = [], [], []
         for job in jobs:
-            p = job.params
+            p, n = job.params, job.n
             seed = p.seed
             if p.do_sample and seed is None:
                 seed = random.SystemRandom().getrandbits(63)
-            config = replace(p.generation_config(), seed=seed, eos_token_id=self.eos, pad_token_id=self.llm_pad)
+            config = replace(p, seed=seed, eos_token_id=self.eos, pad_token_id=self.llm_pad)
             settings.append(settle(config, self.model.config, L, device))
-            copies.append(p.n if p.do_sample else 1)
-            rows += [_Row(self, job, [c]) for c in range(p.n)] if p.do_sample else [_Row(self, job, list(range(p.n)))]
-        live_text = [job.stream or bool(job.params.stop) for job in jobs]
+            copies.append(n if p.do_sample else 1)
+            rows += [_Row(self, job, [c]) for c in range(n)] if p.do_sample else [_Row(self, job, list(range(n)))]
+        live_text = [job.stream or bool(job.params.stop_strings) for job in jobs]
         run = Decoding(self.model, prompt, settings, copies, tokenizer=self.tokenizer, detokenize=live_text)
         rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
         for tokens in run:
@@ -378,31 +344,28 @@ class Scheduler:
             job.send(events)
 
     def _beam_search(self, jobs: list[Job], features: Tensor) -> None:
-        p = jobs[0].params  # the group shares every setting but the stop strings
+        p, n = jobs[0].params, jobs[0].n  # the group shares every setting but the stop strings
         ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
-        generator = None
-        if p.do_sample:
-            seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
-            generator = torch.Generator(device=features.device).manual_seed(seed)
+        seed = p.seed
+        if p.do_sample and seed is None:
+            seed = random.SystemRandom().getrandbits(63)
+        config = replace(p, num_return_sequences=n, stop_strings=(), seed=seed, eos_token_id=self.eos)
         out = generate(self.model, image_features=features, input_ids=ids, attention_mask=mask,
-                       max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens, do_sample=p.do_sample,
-                       temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, num_beams=p.num_beams,
-                       num_return_sequences=p.n, length_penalty=p.length_penalty,
-                       repetition_penalty=p.repetition_penalty, eos_token_id=self.eos, generator=generator)
+                       generation_config=config)
         eos = set(self.eos)
         for b, job in enumerate(jobs):
             if job.cancelled.is_set() or job.finished:
                 continue
             choices = []
-            for c in range(p.n):
-                row = out[b * p.n + c].tolist()
+            for c in range(n):
+                row = out[b * n + c].tolist()
                 end = next((i for i, token in enumerate(row) if token in eos), None)
                 ids_ = row if end is None else row[:end]
                 text, cut = self.decode(ids_), None
-                if job.params.stop:
-                    cut = first_stop(text, job.params.stop)
+                if job.params.stop_strings:
+                    cut = first_stop(text, job.params.stop_strings)
                 if cut is not None:
-                    tokens = _tokens_until(self, ids_, job.params.stop)
+                    tokens = _tokens_until(self, ids_, job.params.stop_strings)
                     choices.append(Choice(c, text[:cut], "stop", tokens))
                 elif end is not None:
                     choices.append(Choice(c, text, "stop", end + 1))
@@ -460,6 +423,13 @@ class _Row:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _beam_group(job: Job) -> tuple:
+    """Beam-search requests run together only with identical settings (stop strings are applied afterwards; a seed
+    matters only when sampling)."""
+    p = job.params
+    return (replace(p, stop_strings=(), seed=p.seed if p.do_sample else None), job.n)
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str, device) -> tuple[Tensor, Tensor]:
