@@ -726,3 +726,21 @@ def test_stop_strings_end_rows_in_generate(pairs, family):
     assert first[:ends] == plain[0, :ends].tolist() and set(first[ends:]) <= {PAD}
     with pytest.raises(ValueError, match="tokenizer"):
         ours.generate(**inputs, max_new_tokens=3, stop_strings=["x"])
+
+
+def test_generation_config_json_sets_generate_defaults(hf_checkpoints, tmp_path):
+    """A checkpoint's generation_config.json gives `generate` its defaults (`model.generation_config`), as in
+    transformers; keyword arguments still win."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoints["llama"][1], directory)
+    (directory / "generation_config.json").write_text(json.dumps({"num_beams": 3, "max_new_tokens": 5,
+                                                                  "repetition_penalty": 1.3, "eos_token_id": 9}))
+    model = InstructBlipForConditionalGeneration.from_pretrained(directory)
+    assert model.generation_config == GenerationConfig(num_beams=3, max_new_tokens=5, repetition_penalty=1.3)
+    inputs = make_inputs("llama")
+    plain = InstructBlipForConditionalGeneration.from_pretrained(hf_checkpoints["llama"][1])
+    assert plain.generation_config == GenerationConfig()
+    assert torch.equal(model.generate(**inputs), plain.generate(**inputs, num_beams=3, max_new_tokens=5,
+                                                                 repetition_penalty=1.3))
+    assert torch.equal(model.generate(**inputs, num_beams=1, max_new_tokens=4),
+                       plain.generate(**inputs, max_new_tokens=4, repetition_penalty=1.3))

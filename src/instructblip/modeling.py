@@ -28,11 +28,17 @@ class InstructBlipModel(InstructBlipNetwork):
         optimize: on the CPU in float32, put in the fast CPU layers (`instructblip.accel.optimize`: faster linear
         routes, packed weights, in-place GELU; the same parameters and state-dict keys, results equal up to float
         rounding; see docs/performance.md). False keeps the plain torch layers. Other devices and dtypes get plain
-        layers either way."""
+        layers either way.
+
+        `model.generation_config`: the decoding options of the checkpoint's `generation_config.json`, the defaults
+        of `generate` (as in transformers; official checkpoints set none but token ids, which come from config.json)."""
         from instructblip import accel
+        from instructblip.generation.config import GenerationConfig
+        from instructblip.hub import resolve_checkpoint_dir
         from instructblip.weights.checkpoint import load_pretrained
 
         model = load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+        model.generation_config = GenerationConfig.from_pretrained(resolve_checkpoint_dir(path))
         return accel.optimize(model) if optimize else model
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
