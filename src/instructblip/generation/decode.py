@@ -216,12 +216,17 @@ class Decoding:
         if logits is None:
             logits = self.lm.step(self.state, self.history[:, -1])
         self.logits = None
-        tokens = torch.empty(self.rows, dtype=torch.long, device=logits.device)
-        for start, end, s, eos in self.spans:
-            rows = slice(start, end)
-            ignore = self.ignore[rows] if self.ignore is not None else None
-            scores = process(logits[rows], self.history[rows], ignore, self.t, s, 1, eos)
-            tokens[rows] = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)
+        if len(self.spans) == 1:  # one group (a generate call): no slicing
+            _, _, s, eos = self.spans[0]
+            scores = process(logits, self.history, self.ignore, self.t, s, 1, eos)
+            tokens = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)
+        else:
+            tokens = torch.empty(self.rows, dtype=torch.long, device=logits.device)
+            for start, end, s, eos in self.spans:
+                rows = slice(start, end)
+                ignore = self.ignore[rows] if self.ignore is not None else None
+                scores = process(logits[rows], self.history[rows], ignore, self.t, s, 1, eos)
+                tokens[rows] = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)
         tokens = torch.where(self._unfinished, tokens, self._pad)
         self.history = torch.cat([self.history, tokens[:, None]], 1)
         self.t += 1
@@ -236,12 +241,13 @@ class Decoding:
             stopped = torch.cat([torch.isin(tokens[a:b], s.eos) for a, b, s, _ in self.spans])
         stopped = (stopped & self._unfinished).tolist()
         ids = tokens.tolist() if any(t is not None for t in self.text) else None
+        finished = False
         for i in range(self.rows):
             if self.reason[i] is not None:
                 continue
             self.count[i] += 1
             if stopped[i]:
-                self.reason[i] = "stop"
+                self.reason[i], finished = "stop", True
                 continue
             text = self.text[i]
             if text is not None:
@@ -249,11 +255,12 @@ class Decoding:
                 cut = text.stop_at()
                 if cut is not None:
                     text.cut(cut)
-                    self.reason[i] = "stop"
+                    self.reason[i], finished = "stop", True
                     continue
             if self.count[i] >= self.settings[i].max_new_tokens:
-                self.reason[i] = "length"
-        self._unfinished = torch.tensor([r is None for r in self.reason], device=tokens.device)
+                self.reason[i], finished = "length", True
+        if finished:
+            self._unfinished = torch.tensor([r is None for r in self.reason], device=tokens.device)
 
     def finish(self, row: int, reason: str) -> None:
         """End a row from outside (its caller went away, a deadline passed)."""
