@@ -112,8 +112,6 @@ def prepare_prompt(model, pixel_values: Tensor | None = None, qformer_input_ids:
     return Prompt(embeds, mask, ids, ignore)
 
 
-
-
 def penalty_prefix(model, prompt: Prompt, scope: str) -> tuple[Tensor, Tensor | None]:
     """(ids the penalties see before the generated tokens (B, P), leading padding per row (B,) or None): T5's
     decoder start token; with penalty_scope "all" the prompt's ids; else nothing."""
