@@ -155,8 +155,9 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
          quantize: str | None = None) -> InstructBlip:
     """Load a model directory or hub id (None: the default model shipped with the package).
 
-    quantize="int8": int8 dynamic quantization of the language model for CPU inference (quantize.py); with
-    device="auto" it picks the CPU, and it needs float32 ("auto" on the CPU)."""
+    quantize="int8": int8 dynamic quantization of the language model for CPU inference (accel/quantize.py), each
+    layer quantized as it is read; with device="auto" it picks the CPU, and the rest of the model runs in float32
+    ("auto" on the CPU), whatever dtype the files hold."""
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; use int8 (CPU inference) or leave it out")
     path = default_model_dir() if model is None else model
@@ -168,9 +169,9 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if quantize and torch_dtype != torch.float32:
-        raise ValueError(f"--quantize int8 needs float32 weights to quantize from, not {dtype}; use --dtype float32")
-    weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device)
-    if quantize:
-        weights.quantize_int8()
+        raise ValueError(f"--quantize int8 runs the rest of the model in float32, not {dtype}; use --dtype float32 "
+                         "(or leave --dtype unset)")
+    weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device,
+                                                                   quantize=quantize)
     processor = InstructBlipProcessor.from_pretrained(path)
     return InstructBlip(weights, processor, vision_cache_size=vision_cache_size)

@@ -21,7 +21,8 @@ class InstructBlipModel(InstructBlipNetwork):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device = "cpu", optimize: bool = True, **kwargs):
+                        device: str | torch.device = "cpu", optimize: bool = True, quantize: str | None = None,
+                        **kwargs):
         """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
         accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`.
 
@@ -30,6 +31,10 @@ class InstructBlipModel(InstructBlipNetwork):
         rounding; see docs/performance.md). False keeps the plain torch layers. Other devices and dtypes get plain
         layers either way.
 
+        quantize: "int8" stores the language model's linear layers in int8 (`accel.quantize`, CPU float32 only),
+        each quantized as it is read from the checkpoint (bf16, fp16 or fp32 files): the float32 language model
+        never exists in memory whole, so the peak is about the int8 model plus the vision encoder and Q-Former.
+
         `model.generation_config`: the decoding options of the checkpoint's `generation_config.json`, the defaults
         of `generate` (as in transformers; official checkpoints set none but token ids, which come from config.json)."""
         from instructblip import accel
@@ -37,7 +42,20 @@ class InstructBlipModel(InstructBlipNetwork):
         from instructblip.hub import resolve_checkpoint_dir
         from instructblip.weights.checkpoint import load_pretrained
 
-        model = load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+        lm_linear = None
+        if quantize is not None:
+            from instructblip.accel.quantize import Int8Linear, check_int8, finish_int8
+
+            if quantize != "int8":
+                raise ValueError(f"unknown quantization {quantize!r}; use 'int8' (CPU inference) or None")
+            if dtype not in (None, "float32", torch.float32):
+                raise ValueError(f"quantize='int8' loads the rest of the model in float32, not {dtype}; leave dtype "
+                                 "unset (or 'float32')")
+            check_int8(device, torch.float32)
+            dtype, lm_linear = torch.float32, Int8Linear
+        model = load_pretrained(cls, path, dtype=dtype, device=device, lm_linear=lm_linear, **kwargs)
+        if quantize is not None:
+            finish_int8(model)
         model.generation_config = GenerationConfig.from_pretrained(resolve_checkpoint_dir(path))
         return accel.optimize(model) if optimize else model
 

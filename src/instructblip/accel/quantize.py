@@ -56,31 +56,45 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize the language model of an InstructBlipForConditionalGeneration in place; returns it.
-
-    The model must be on the CPU in float32. A tied LM head gets an int8 copy of the embedding matrix (the embedding
-    itself stays float32 for the lookups).
-    """
+def check_int8(device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raise, saying what to do, unless int8 quantization can run here for a model in `dtype` on `device`; then
+    select the int8 engine."""
     if not available():
         raise RuntimeError("this torch build has no fbgemm int8 kernels (torch.backends.quantized.supported_engines "
                            f"= {torch.backends.quantized.supported_engines}); run without --quantize")
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        raise ValueError(f"--quantize int8 is for float32 inference on the CPU; this model is {dtype} on "
+                         f"{torch.device(device).type}: load it with device='cpu' and dtype='float32' (--device cpu "
+                         "--dtype float32), or drop --quantize")
+    torch.backends.quantized.engine = next(e for e in _ENGINES if e in torch.backends.quantized.supported_engines)
+
+
+def finish_int8(model: nn.Module) -> nn.Module:
+    """After the language model's linear layers became `Int8Linear`s: a tied LM head gets an int8 copy of the
+    embedding matrix (the embedding itself stays float32 for the lookups); the model is marked quantized."""
+    lm = model.language_model
+    if lm.has_lm_head and lm.lm_head is None:  # tied to the embeddings
+        lm.lm_head = Int8Linear(lm.embed_tokens.weight, None)
+    model.quantized = "int8"
+    return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Quantize the language model of a loaded InstructBlipForConditionalGeneration in place; returns it. (Loading
+    with `from_pretrained(..., quantize="int8")` quantizes each layer as it is read instead, without the float32
+    language model ever being in memory whole.)
+
+    The model must be on the CPU in float32.
+    """
     if model.quantized:
         return model
     lm = model.language_model
     param = next(lm.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32:
-        raise ValueError(f"--quantize int8 is for float32 inference on the CPU; this model is {param.dtype} on "
-                         f"{param.device.type}: load it with device='cpu' and dtype='float32' (--device cpu "
-                         "--dtype float32), or drop --quantize")
-    torch.backends.quantized.engine = next(e for e in _ENGINES if e in torch.backends.quantized.supported_engines)
+    check_int8(param.device, param.dtype)
     unpack(lm)  # packed float32 weights (cpu_linear.Linear) back to plain matrices, which quantizing reads
     targets = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, Int8Linear(module.weight, module.bias))
-    if lm.has_lm_head and lm.lm_head is None:  # tied to the embeddings
-        lm.lm_head = Int8Linear(lm.embed_tokens.weight, None)
-    model.quantized = "int8"
-    return model
+    return finish_int8(model)

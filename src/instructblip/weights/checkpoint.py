@@ -15,12 +15,13 @@ import mmap
 import os
 import re
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from instructblip.files import write_json
 from instructblip.hub import resolve_checkpoint_dir
@@ -408,8 +409,12 @@ def _skip_init():
 
 
 def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipConfig | None = None,
-                    mmap_ok: bool = True):
+                    mmap_ok: bool = True, lm_linear: Callable[[Tensor, Tensor | None], nn.Module] | None = None):
     """Build `cls` (InstructBlipModel or InstructBlipForConditionalGeneration) from an HF-layout directory.
+
+    `lm_linear`: builds each of the language model's linear layers from its weight and bias as soon as both are read
+    (e.g. an int8 layer: quantizing while loading), so that the language model never exists in `dtype` as a whole;
+    the tensors it was given are released before the next is read. None keeps `nn.Linear`.
 
     On CPU, a tensor stored in the dtype it will be used in is mapped from the file (copy-on-write) instead of read:
     loading is then nearly free and the pages are read as the model first touches them; fused tensors (q|k|v...)
@@ -442,34 +447,63 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
         raise AssertionError(f"weight map out of sync: {sorted(set(targets) ^ {e.ours for e in entries})[:5]}")
     _check_keys(entries, targets, reader, directory, cls.has_lm_head)
 
+    # the language model's linear layers that lm_linear builds: module name -> the keys of its tensors
+    built: dict[str, dict[str, Tensor]] = {}
+    pending: dict[str, set[str]] = {}
+    if lm_linear is not None:
+        for name, module in model.language_model.named_modules():
+            if isinstance(module, nn.Linear):
+                full = f"language_model.{name}"
+                pending[full] = {f"{full}.weight"} | ({f"{full}.bias"} if module.bias is not None else set())
+    owner = {key: name for name, keys in pending.items() for key in keys}
+
+    def build(name: str) -> None:  # a layer lm_linear builds, once its tensors are all read; they are dropped
+        tensors = built.pop(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lm_linear(tensors[f"{name}.weight"], tensors.get(f"{name}.bias")))
+
     state = {}
     for entry in entries:
-        shape = targets[entry.ours]
-        tensor_dtype = torch.float32 if entry.ours == "query_tokens" else dtype  # as transformers' keep-in-fp32
-        key = entry.parts[0]
-        if (mmap_ok and device.type == "cpu" and entry.rows is None and key in reader.where
-                and reader.dtype(key) == tensor_dtype):  # stored as it will be used: map the file, copy nothing
-            tensor = reader.mapped(key)
-            if tensor is not None:
-                state[entry.ours] = tensor
-                continue
-        out = torch.empty(shape, dtype=tensor_dtype, device=device)
-        legacy = _legacy_qkv_bias(entry)
-        if entry.parts[0] not in reader.where and legacy:  # q_bias | zeros | v_bias
-            width = shape[0] // 3
-            reader.read_into(legacy[0], out[:width])
-            out[width:2 * width].zero_()
-            reader.read_into(legacy[1], out[2 * width:])
-        else:  # one tensor, or a fused tensor: its parts stacked along dim 0
-            start = 0
-            for key in entry.parts:
-                rows = reader.shape(key)[0] if entry.rows is not None else shape[0]
-                reader.read_into(key, out[start:start + rows] if entry.rows is not None else out)
-                start += rows
-        state[entry.ours] = out
+        # (a layer lm_linear builds is read, not mapped: mapped pages touched would stay resident while loading)
+        state[entry.ours] = _read_entry(entry, targets[entry.ours], dtype, device, reader,
+                                        mmap_ok and entry.ours not in owner)
+        name = owner.get(entry.ours)
+        if name is not None:
+            built.setdefault(name, {})[entry.ours] = state.pop(entry.ours)
+            if set(built[name]) == pending[name]:
+                build(name)
+    if built:  # internal invariant: every weight of a built layer is in the map
+        raise AssertionError(f"layers left half-read: {sorted(built)[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model
+
+
+def _read_entry(entry: Entry, shape: torch.Size, dtype: torch.dtype, device: torch.device, reader: _Reader,
+                mmap_ok: bool) -> Tensor:
+    """One of our tensors from the files: mapped when stored as it will be used (CPU), else read into place (a fused
+    tensor's parts stacked along dim 0, the legacy q/v biases joined with zeros)."""
+    tensor_dtype = torch.float32 if entry.ours == "query_tokens" else dtype  # as transformers' keep-in-fp32
+    key = entry.parts[0]
+    if (mmap_ok and device.type == "cpu" and entry.rows is None and key in reader.where
+            and reader.dtype(key) == tensor_dtype):  # stored as it will be used: map the file, copy nothing
+        tensor = reader.mapped(key)
+        if tensor is not None:
+            return tensor
+    out = torch.empty(shape, dtype=tensor_dtype, device=device)
+    legacy = _legacy_qkv_bias(entry)
+    if entry.parts[0] not in reader.where and legacy:  # q_bias | zeros | v_bias
+        width = shape[0] // 3
+        reader.read_into(legacy[0], out[:width])
+        out[width:2 * width].zero_()
+        reader.read_into(legacy[1], out[2 * width:])
+    else:  # one tensor, or a fused tensor: its parts stacked along dim 0
+        start = 0
+        for key in entry.parts:
+            rows = reader.shape(key)[0] if entry.rows is not None else shape[0]
+            reader.read_into(key, out[start:start + rows] if entry.rows is not None else out)
+            start += rows
+    return out
 
 
 def _legacy_qkv_bias(entry: Entry) -> tuple[str, str] | None:
