@@ -142,19 +142,20 @@ print(status("VmHWM") - base)
 
 
 def test_quantizing_while_loading_never_holds_the_float32_language_model(tmp_path):
-    """Peak memory of loading a bf16 checkpoint with a 170M-parameter LLaMA (672 MB in float32), in fresh processes:
-    quantizing while loading stays under the int8 layers + the float32 embeddings + one float32 layer + slack;
-    quantizing after loading (the float32 model first) goes over the whole float32 language model, which shows the
-    measurement sees the difference."""
+    """Peak memory of loading a bf16 checkpoint with a 214M-parameter LLaMA (856 MB in float32), in fresh processes:
+    quantizing while loading stays under the int8 layers (2 bytes per weight: fbgemm's packed weight keeps the int8
+    matrix besides its packed copy) + the float32 embeddings + one float32 layer + slack; quantizing after loading
+    (the float32 model first) goes over the whole float32 language model, which shows the measurement sees the
+    difference."""
     from instructblip.models.config import PRESETS, InstructBlipConfig
 
     data = copy.deepcopy(PRESETS["vicuna-7b"])
     data["vision_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                  image_size=28, patch_size=14)
     data["qformer_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
-    data["text_config"].update(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                               num_key_value_heads=16)
-    data["num_query_tokens"] = 4
+    data["text_config"].update(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                               num_attention_heads=16, num_key_value_heads=16, vocab_size=4096)
+    data.update(num_query_tokens=4, image_token_index=4000)
     config = InstructBlipConfig.from_dict(data)
     torch.manual_seed(0)
     model = InstructBlipForConditionalGeneration(config).to(torch.bfloat16)
@@ -174,6 +175,6 @@ def test_quantizing_while_loading_never_holds_the_float32_language_model(tmp_pat
         return int(out.stdout.split()[-1])
 
     during, after = peak("during"), peak("after")
-    bound = int8_linear + embeddings + largest + 120 * 2**20
+    bound = 2 * int8_linear + embeddings + largest + 120 * 2**20
     assert during < bound < fp32_lm, (during, bound, fp32_lm)
     assert after > fp32_lm, (after, fp32_lm)
