@@ -145,7 +145,7 @@ def test_batch_resumes_after_sigkill(ckpt, images, tmp_path):
     (["ask", "{image}", "What?", "--num-beams", "0"], 2, "--num-beams must be at least 1"),
     (["batch", "{badjsonl}", "--output", "{out}"], 0, None),
     (["info", "{tmp}"], 2, "not a model checkpoint|config.json"),
-    (["ask", "{image}", "What?", "--quantize", "int8", "--dtype", "bfloat16"], 2, "--quantize int8 runs the rest of the model in float32"),
+    (["ask", "{image}", "What?", "--quantize", "int8", "--dtype", "bfloat16"], 2, "--quantize int8 runs the rest"),
 ])
 def test_bad_input_gives_one_line_and_the_right_status(ckpt, images, tmp_path, args, status, message):
     (tmp_path / "notimage.jpg").write_text("hello")
