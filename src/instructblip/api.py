@@ -23,8 +23,10 @@ import torch
 from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
 from instructblip.generation.features import VisionCache, image_features
 from instructblip.modeling import InstructBlipForConditionalGeneration
+from instructblip.models.config import InstructBlipConfig
 from instructblip.processing.processor import InstructBlipProcessor
 from instructblip.processing.templates import CAPTION_PROMPT
+from instructblip.weights.memory import check_fits
 
 
 def default_model_dir() -> str:
@@ -157,7 +159,11 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
 
     quantize="int8": int8 dynamic quantization of the language model for CPU inference (accel/quantize.py), each
     layer quantized as it is read; with device="auto" it picks the CPU, and the rest of the model runs in float32
-    ("auto" on the CPU), whatever dtype the files hold."""
+    ("auto" on the CPU), whatever dtype the files hold.
+
+    On the CPU the memory the model needs is compared with what this process may use before anything is allocated
+    (`weights.memory`): a model that cannot fit raises `ModelTooLargeError`, naming the GiB each way of loading
+    needs and the flags of those that fit."""
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; use int8 (CPU inference) or leave it out")
     path = default_model_dir() if model is None else model
@@ -171,6 +177,9 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
     if quantize and torch_dtype != torch.float32:
         raise ValueError(f"--quantize int8 runs the rest of the model in float32, not {dtype}; use --dtype float32 "
                          "(or leave --dtype unset)")
+    if torch.device(device).type == "cpu":  # before anything is allocated: one clear line if it cannot fit
+        mode = "int8" if quantize else "float32" if torch_dtype in (None, torch.float32) else "bfloat16"
+        check_fits(InstructBlipConfig.from_pretrained(path), mode)
     weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device,
                                                                    quantize=quantize)
     processor = InstructBlipProcessor.from_pretrained(path)
