@@ -173,6 +173,9 @@ def test_info_and_help(ckpt):
     out = run("info", ckpt)
     assert out.returncode == 0, out.stderr
     assert "query tokens" in out.stdout and "total" in out.stdout and "float32" in out.stdout
+    table = out.stdout[out.stdout.index("memory to load"):]
+    assert all(flag in table for flag in ("--dtype float32", "--dtype bfloat16", "--quantize int8"))
+    assert table.count("  fits") == 3  # a tiny model fits every way
     assert "ask" in run("--help").stdout
 
 
