@@ -210,7 +210,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from instructblip.modeling import InstructBlipForConditionalGeneration
     from instructblip.models.config import InstructBlipConfig
     from instructblip.weights.checkpoint import _Reader
-    from instructblip.weights.memory import available_bytes, needed, weight_bytes
+    from instructblip.weights.memory import FLAGS, available_bytes, needed, weight_bytes
 
     directory = resolve_checkpoint_dir(args.model or default_model_dir())
     config = InstructBlipConfig.from_pretrained(directory)
@@ -237,10 +237,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     available = available_bytes()
     free = f"{_bytes(available)} free here" if available is not None else "free memory unknown"
     print(f"memory to load on the CPU (weights + room for activations; {free}):")
-    flags = {"float32": "--dtype float32", "bfloat16": "--dtype bfloat16", "int8": "--quantize int8"}
     for mode, size in weight_bytes(config).items():
         verdict = "" if available is None else "  fits" if needed(size) <= available else "  does not fit"
-        print(f"  {mode:<10} {flags[mode]:<18} weights {_bytes(size):>10}, needs {_bytes(needed(size)):>10}{verdict}")
+        print(f"  {mode:<10} {FLAGS[mode]:<18} weights {_bytes(size):>10}, needs {_bytes(needed(size)):>10}{verdict}")
     return 0
 
 

@@ -125,6 +125,21 @@ def penalty_prefix(model, prompt: Prompt, scope: str) -> tuple[Tensor, Tensor | 
     return torch.empty(B, 0, dtype=torch.long, device=device), None
 
 
+def prefill(lm, prompt: Prompt, max_new_tokens: int, copies: Sequence[int], prefix: Tensor, ignore: Tensor | None
+            ) -> tuple[object, Tensor, Tensor, Tensor | None]:
+    """Run the prompt once per item, then copy each item's row `copies[b]` times (beams, several sequences), its
+    cache included: (decoder state, first logits (N, V), penalty prefix (N, P), ignore (N,) or None)."""
+    state, logits = lm.prefill(prompt.inputs_embeds, prompt.attention_mask, max_new_tokens)
+    B = logits.shape[0]
+    if list(copies) != [1] * B:
+        index = torch.repeat_interleave(torch.arange(B, device=logits.device),
+                                        torch.tensor(list(copies), device=logits.device))  # (N,)
+        state.select(index)
+        logits, prefix = logits.index_select(0, index), prefix.index_select(0, index)
+        ignore = ignore.index_select(0, index) if ignore is not None else None
+    return state, logits, prefix, ignore
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the token iterator
 
@@ -162,13 +177,8 @@ class Decoding:
         self.lm = model.language_model
         self.tokenizer = tokenizer
         longest = max(s.max_new_tokens for s in settings)
-        self.state, logits = self.lm.prefill(prompt.inputs_embeds, prompt.attention_mask, longest)
+        self.state, logits, prefix, ignore = prefill(self.lm, prompt, longest, copies, prefix, ignore)
         device = logits.device
-        if copies != [1] * B:  # prefill once per item, then copy its rows (cache included)
-            index = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(copies, device=device))
-            self.state.select(index)
-            logits, prefix = logits.index_select(0, index), prefix.index_select(0, index)
-            ignore = ignore.index_select(0, index) if ignore is not None else None
         self.logits: Tensor | None = logits  # (N, V) for the next token; None once consumed
         self.vocab_size = logits.shape[-1]
         self.settings = [s for s, c in zip(settings, copies, strict=True) for _ in range(c)]  # per row
@@ -339,12 +349,8 @@ def _generate(model, config: GenerationConfig, inputs: dict, generator, streamer
         if config.stop_strings:
             raise ValueError("stop_strings work with greedy decoding or sampling, not with num_beams > 1")
         lm = model.language_model
-        state, logits = lm.prefill(prompt.inputs_embeds, prompt.attention_mask, s.max_new_tokens)
-        copies = max(s.num_beams, s.num_return_sequences)
-        index = torch.arange(B, device=logits.device).repeat_interleave(copies)  # (B * copies,)
-        state.select(index)
-        ignore = ignore.index_select(0, index) if ignore is not None else None
-        return beam_search(lm, state, logits.index_select(0, index), prefix.index_select(0, index), ignore, s)
+        copies = [max(s.num_beams, s.num_return_sequences)] * B
+        return beam_search(lm, *prefill(lm, prompt, s.max_new_tokens, copies, prefix, ignore), s)
     run = Decoding(model, prompt, [s] * B, [s.num_return_sequences] * B, prefix, ignore, tokenizer)
     if streamer is not None and run.rows != 1:
         raise ValueError(f"streaming needs a single sequence; this call makes {run.rows}")

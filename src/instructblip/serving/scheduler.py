@@ -303,7 +303,7 @@ class Scheduler:
         rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
         for tokens in run:
             for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                row.step(token, run.reason[i], run.text[i])
+                row.step(token, run.reason[i], run.text[i], run.count[i])
             self._check_jobs(rows)
             self._deliver(rows, rows_of)
             # a job's rows leave the batch together, once all are done: its sampled rows share one generator, whose
@@ -392,12 +392,13 @@ class _Row:
         self.pending: list[Event] = []  # events of this step, collected by `Scheduler._deliver`
         self._text = None  # the run's `Detokenizer` of this row, when its text is kept up to date
 
-    def step(self, token: int, reason: str | None, text) -> None:
-        """This step's token, with the run's verdict on the row (None: still running) and its detokenizer."""
+    def step(self, token: int, reason: str | None, text, count: int) -> None:
+        """This step's token, with the run's verdict on the row (None: still running), its detokenizer and the
+        tokens it generated so far."""
         if self.done:
             return
         self._text = text
-        self.count += 1
+        self.count = count
         if token not in self.scheduler.eos:
             self.ids.append(token)
         if reason is not None:

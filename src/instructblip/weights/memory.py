@@ -16,6 +16,7 @@ from instructblip.models.instructblip import InstructBlipNetwork
 GiB = 2**30
 HEADROOM = 0.10  # activations, the KV cache, the allocator's slack: on top of the weights
 MIN_HEADROOM = 256 * 2**20
+FLAGS = {"float32": "--dtype float32", "bfloat16": "--dtype bfloat16", "int8": "--quantize int8"}  # per option
 
 
 class ModelTooLargeError(ValueError):
@@ -70,9 +71,8 @@ def check_fits(config: InstructBlipConfig, mode: str, available: int | None = No
     need = {name: needed(b) for name, b in weight_bytes(config).items()}
     if need[mode] <= available:
         return
-    flags = {"float32": "--dtype float32", "bfloat16": "--dtype bfloat16", "int8": "--quantize int8"}
     table = ", ".join(f"{name} {need[name] / GiB:.1f} GiB" for name in need)
-    fits = [flags[name] for name in need if need[name] <= available]
+    fits = [FLAGS[name] for name in need if need[name] <= available]
     advice = f"use {' or '.join(fits)}" if fits else "none fits: use a machine with more memory, or a GPU"
     raise ModelTooLargeError(f"the model needs {need[mode] / GiB:.1f} GiB in {mode} and {available / GiB:.1f} GiB "
                              f"are free (needed: {table}); {advice}")
