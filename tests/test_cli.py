@@ -145,7 +145,7 @@ def test_batch_resumes_after_sigkill(ckpt, images, tmp_path):
     (["ask", "{image}", "What?", "--num-beams", "0"], 2, "--num-beams must be at least 1"),
     (["batch", "{badjsonl}", "--output", "{out}"], 0, None),
     (["info", "{tmp}"], 2, "not a model checkpoint|config.json"),
-    (["ask", "{image}", "What?", "--quantize", "int8", "--dtype", "bfloat16"], 2, "--quantize int8 runs the rest"),
+    (["ask", "{image}", "What?", "--quantize", "int8", "--device", "cuda"], 2, "--quantize runs on the CPU only"),
 ])
 def test_bad_input_gives_one_line_and_the_right_status(ckpt, images, tmp_path, args, status, message):
     (tmp_path / "notimage.jpg").write_text("hello")
@@ -174,8 +174,8 @@ def test_info_and_help(ckpt):
     assert out.returncode == 0, out.stderr
     assert "query tokens" in out.stdout and "total" in out.stdout and "float32" in out.stdout
     table = out.stdout[out.stdout.index("memory to load"):]
-    assert all(flag in table for flag in ("--dtype float32", "--dtype bfloat16", "--quantize int8"))
-    assert table.count("  fits") == 3  # a tiny model fits every way
+    assert all(flag in table for flag in ("--dtype float32", "--dtype bfloat16", "--quantize int8", "--quantize int4"))
+    assert table.count("  fits") == 4  # a tiny model fits every way
     assert "ask" in run("--help").stdout
 
 

@@ -20,13 +20,15 @@ from typing import Any
 
 import torch
 
+from instructblip.accel.quantize import MODES as QUANTIZE_MODES
+from instructblip.accel.quantize import VISION_MODES
 from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
 from instructblip.generation.features import VisionCache, image_features
 from instructblip.modeling import InstructBlipForConditionalGeneration
 from instructblip.models.config import InstructBlipConfig
 from instructblip.processing.processor import InstructBlipProcessor
 from instructblip.processing.templates import CAPTION_PROMPT
-from instructblip.weights.memory import check_fits
+from instructblip.weights.memory import auto_dtype, check_fits, rest_dtype
 
 
 def default_model_dir() -> str:
@@ -44,7 +46,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """'auto': fp32 on CPU (half precision is slow without native bf16), bf16 on GPUs that support it."""
+    """'auto': bf16 on GPUs that support it (fp16 on others), float32 on the CPU (where `load` first asks
+    `weights.memory.auto_dtype`, which knows the model)."""
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -154,33 +157,43 @@ class InstructBlip:
 
 def load(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = "auto", vision_cache_size: int = 64,
-         quantize: str | None = None) -> InstructBlip:
+         quantize: str | None = None, quantize_vision: str | None = None) -> InstructBlip:
     """Load a model directory or hub id (None: the default model shipped with the package).
 
-    quantize="int8": int8 dynamic quantization of the language model for CPU inference (accel/quantize.py), each
-    layer quantized as it is read; with device="auto" it picks the CPU, and the rest of the model runs in float32
-    ("auto" on the CPU), whatever dtype the files hold.
+    dtype="auto": on the CPU the dtype that fits the machine (`weights.memory.auto_dtype`: float32 when it fits and
+    the CPU has no native bfloat16 or the model is small, else bfloat16); bfloat16 (or float16) on GPUs.
+
+    quantize="int8" or "int4": the language model's linear layers quantized for CPU inference (`accel.quantize`),
+    each layer as it is read; quantize_vision="int8": the vision encoder's too. With device="auto" a quantized model
+    goes to the CPU; its unquantized rest runs in bfloat16 where the CPU has it natively, else float32 (dtype="auto").
 
     On the CPU the memory the model needs is compared with what this process may use before anything is allocated
     (`weights.memory`): a model that cannot fit raises `ModelTooLargeError`, naming the GiB each way of loading
     needs and the flags of those that fit."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"unknown quantization {quantize!r}; use int8 (CPU inference) or leave it out")
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise ValueError(f"unknown quantization {quantize!r}; use {' or '.join(QUANTIZE_MODES)} (CPU inference), or "
+                         "leave it out")
+    if quantize_vision not in (None, *VISION_MODES):
+        raise ValueError(f"unknown vision quantization {quantize_vision!r}; use int8 (CPU inference), or leave it out")
     path = default_model_dir() if model is None else model
-    if quantize:
+    quantized = quantize or quantize_vision
+    if quantized:
+        flag = "--quantize" if quantize else "--quantize-vision"
         if device not in (None, "auto") and torch.device(device).type != "cpu":
-            raise ValueError(f"--quantize int8 runs on the CPU only, not {torch.device(device).type}; use --device "
-                             "cpu, or drop --quantize on a GPU (bf16 is the fast path there)")
+            raise ValueError(f"{flag} runs on the CPU only, not {torch.device(device).type}; use --device cpu, or "
+                             f"drop {flag} on a GPU (bf16 is the fast path there)")
         device = "cpu"
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    if quantize and torch_dtype != torch.float32:
-        raise ValueError(f"--quantize int8 runs the rest of the model in float32, not {dtype}; use --dtype float32 "
-                         "(or leave --dtype unset)")
-    if torch.device(device).type == "cpu":  # before anything is allocated: one clear line if it cannot fit
-        mode = "int8" if quantize else "float32" if torch_dtype in (None, torch.float32) else "bfloat16"
-        check_fits(InstructBlipConfig.from_pretrained(path), mode)
+    if device.type != "cpu":
+        torch_dtype = resolve_dtype(dtype, device)
+    else:  # before anything is allocated: the dtype that fits, and one clear line if nothing does
+        config = InstructBlipConfig.from_pretrained(path)
+        if dtype in (None, "auto"):
+            torch_dtype = rest_dtype() if quantized else auto_dtype(config)
+        else:
+            torch_dtype = resolve_dtype(dtype, device)
+        check_fits(config, quantize or ("float32" if torch_dtype == torch.float32 else "bfloat16"), rest=torch_dtype)
     weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device,
-                                                                   quantize=quantize)
+                                                                   quantize=quantize, quantize_vision=quantize_vision)
     processor = InstructBlipProcessor.from_pretrained(path)
     return InstructBlip(weights, processor, vision_cache_size=vision_cache_size)

@@ -70,10 +70,18 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a local HF-layout directory or a hub id (default: the small model shipped inside)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    _precision_flags(parser)
+
+
+def _precision_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default: float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--quantize", default=None, choices=["int8"],
-                        help="int8 dynamic quantization of the LLM, for CPU inference (faster decoding)")
+                        help="auto (the default): on the CPU float32 where it fits and bfloat16 is not native or the "
+                        "model is small, else bfloat16; bfloat16 on GPUs")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="the LLM's linear layers in int8 or int4, quantized while loading (CPU inference: less "
+                        "memory, faster decoding; docs/performance.md)")
+    parser.add_argument("--quantize-vision", default=None, choices=["int8"],
+                        help="the vision encoder's linear layers in int8 (CPU: faster image encoding)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +176,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 def _load(args: argparse.Namespace):
     from instructblip.api import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                quantize_vision=args.quantize_vision)
 
 
 def _check_file(path: str) -> None:
@@ -484,10 +493,7 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="inference mode where a benchmark supports both (default: the paper's)")
     p.add_argument("--prompt", default=None, help="easy-vqa only: the instruction template, with {question}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 dynamic quantization of the LLM, for CPU inference")
+    _precision_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -514,7 +520,7 @@ def cmd_eval(argv: list[str]) -> int:
     evaluate_benchmarks(args.model, names, args.data, split=args.split, limit=args.limit, output_dir=args.output,
                         batch_size=args.batch_size, rank_batch_size=args.rank_batch_size, mode=args.mode,
                         prompt=args.prompt, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                        progress=not args.quiet)
+                        quantize_vision=args.quantize_vision, progress=not args.quiet)
     return 0
 
 
@@ -531,9 +537,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a local HF-layout directory or a hub id (default: the small "
                    "model shipped inside)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 dynamic quantization of the LLM, for CPU inference")
+    _precision_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
@@ -631,7 +635,7 @@ def cmd_serve(argv: list[str]) -> int:
     for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
         log.warning(warning)
     vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size,
-               quantize=args.quantize)
+               quantize=args.quantize, quantize_vision=args.quantize_vision)
     app = create_app(vlm, config)
     log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,

@@ -22,40 +22,45 @@ class InstructBlipModel(InstructBlipNetwork):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                         device: str | torch.device = "cpu", optimize: bool = True, quantize: str | None = None,
-                        **kwargs):
+                        quantize_vision: str | None = None, **kwargs):
         """Load an HF-layout directory or hub id. dtype: None (default) = float32 on CPU, the stored dtype on
-        accelerators; "auto" = the stored dtype; or a torch dtype / its name. Weights go straight to `device`.
+        accelerators; "auto" = the stored dtype (as in transformers; `instructblip.load` and the CLI's "auto" pick
+        what fits the machine instead); or a torch dtype / its name. Weights go straight to `device`.
 
         optimize: on the CPU in float32, put in the fast CPU layers (`instructblip.accel.optimize`: faster linear
         routes, packed weights, in-place GELU; the same parameters and state-dict keys, results equal up to float
         rounding; see docs/performance.md). False keeps the plain torch layers. Other devices and dtypes get plain
         layers either way.
 
-        quantize: "int8" stores the language model's linear layers in int8 (`accel.quantize`, CPU float32 only),
-        each quantized as it is read from the checkpoint (bf16, fp16 or fp32 files): the float32 language model
-        never exists in memory whole, so the peak is about the int8 model plus the vision encoder and Q-Former.
+        quantize: "int8" or "int4" stores the language model's linear layers (its head included) quantized
+        (`accel.quantize`, CPU only), each quantized as it is read from the checkpoint (bf16, fp16 or fp32 files):
+        the unquantized language model never exists in memory whole. quantize_vision: "int8" does the same for the
+        vision encoder. The unquantized rest is in `dtype`; left None, bfloat16 where the CPU has it natively, else
+        float32 (`weights.memory.rest_dtype`).
 
         `model.generation_config`: the decoding options of the checkpoint's `generation_config.json`, the defaults
         of `generate` (as in transformers; official checkpoints set none but token ids, which come from config.json)."""
         from instructblip import accel
+        from instructblip.accel import quantize as q
         from instructblip.generation.config import GenerationConfig
         from instructblip.hub import resolve_checkpoint_dir
         from instructblip.weights.checkpoint import load_pretrained
+        from instructblip.weights.memory import rest_dtype
 
-        lm_linear = None
+        linear = {}
         if quantize is not None:
-            from instructblip.accel.quantize import Int8Linear, check_int8, finish_int8
-
-            if quantize != "int8":
-                raise ValueError(f"unknown quantization {quantize!r}; use 'int8' (CPU inference) or None")
-            if dtype not in (None, "float32", torch.float32):
-                raise ValueError(f"quantize='int8' loads the rest of the model in float32, not {dtype}; leave dtype "
-                                 "unset (or 'float32')")
-            check_int8(device, torch.float32)
-            dtype, lm_linear = torch.float32, Int8Linear
-        model = load_pretrained(cls, path, dtype=dtype, device=device, lm_linear=lm_linear, **kwargs)
-        if quantize is not None:
-            finish_int8(model)
+            linear["language_model"] = q.layer_class(quantize)
+        if quantize_vision is not None:
+            if quantize_vision not in q.VISION_MODES:
+                raise ValueError(f"unknown vision quantization {quantize_vision!r}; use int8, or none")
+            linear["vision_model"] = q.layer_class(quantize_vision)
+        if linear:
+            q.check_device(device, "quantizing")
+            if dtype is None:
+                dtype = rest_dtype()
+        model = load_pretrained(cls, path, dtype=dtype, device=device, linear=linear, **kwargs)
+        if linear:
+            q.finish(model, quantize, quantize_vision)
         model.generation_config = GenerationConfig.from_pretrained(resolve_checkpoint_dir(path))
         return accel.optimize(model) if optimize else model
 
@@ -66,17 +71,23 @@ class InstructBlipModel(InstructBlipNetwork):
 
         if not safe_serialization:
             raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
-        if self.quantized:
-            raise ValueError(f"this model is {self.quantized}-quantized, for inference only; save the float32 model "
-                             "and quantize it after loading")
+        if self.quantized or self.quantized_vision:
+            raise ValueError(f"this model is {self.quantized or self.quantized_vision}-quantized, for inference only; "
+                             "save the unquantized model and quantize it when loading")
         unpack(self)  # packed weights plain in place: state_dict() would hand out a dense copy of each, all at once
         save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     def quantize_int8(self):
-        """int8 dynamic quantization of the language model for CPU float32 inference, in place (accel/quantize.py)."""
-        from instructblip.accel.quantize import quantize_int8
+        """int8 quantization of the language model for CPU inference, in place (`accel.quantize`)."""
+        return self.quantize("int8")
 
-        return quantize_int8(self)
+    def quantize(self, mode: str | None = "int8", vision: str | None = None):
+        """Quantize the language model's linear layers ("int8" or "int4") and, with `vision="int8"`, the vision
+        encoder's, for CPU inference, in place; returns the model. Loading with `from_pretrained(..., quantize=...)`
+        needs less memory: it quantizes each layer as it is read."""
+        from instructblip.accel.quantize import quantize
+
+        return quantize(self, mode, vision)
 
 
 class InstructBlipForConditionalGeneration(InstructBlipModel):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from instructblip.accel.cpu_linear import GELU, Linear, for_decoding
+from instructblip.accel.quantize import Int4Linear, Int8Linear
 from instructblip.models.llama import Llama
 from instructblip.models.qformer import FeedForward
 from instructblip.models.t5 import T5
@@ -50,6 +51,8 @@ def optimize(model: nn.Module) -> nn.Module:
 
 
 def is_cpu_float32(model: nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer of `model` is float32 on the CPU (and it has some)."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    """Whether every floating-point parameter and buffer of `model` is float32 on the CPU (and it has some), those of
+    quantized layers aside (their scales may be bfloat16: they take float32 inputs all the same)."""
+    tensors = [t for m in model.modules() if not isinstance(m, (Int8Linear, Int4Linear))
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if t.is_floating_point()]
     return bool(tensors) and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)

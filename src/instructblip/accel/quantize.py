@@ -1,100 +1,166 @@
-"""Optional int8 dynamic quantization of the language model, for CPU inference (`--quantize int8`).
+"""Quantized linear layers for CPU inference: `--quantize int8` / `--quantize int4` for the language model, and
+`--quantize-vision int8` for the vision encoder.
 
-Every linear layer of the LLM (attention, feed-forward, LM head) becomes an `Int8Linear`: its weight is stored as int8
-with one scale per output row (symmetric, round to nearest), and each call quantizes the activations per tensor on the
-fly and multiplies in int8 with PyTorch's fbgemm kernels (`torch.ops.quantized.linear_dynamic`). Decoding reads a
-quarter of the weight bytes: on this CPU a 4096x4096 layer at one row takes 0.6 ms against 6.6 ms in fp32, the LM
-head of a 32000-word vocabulary 0.6 ms against 5.7 ms. The vision encoder and the Q-Former stay fp32 (they are
-compute-bound, and feed every answer). A quantized model is for inference only: it has no gradients and
-cannot be saved (save the fp32 model, quantize after loading). Outputs differ from fp32 by about 1-2% relative
-per layer; `benchmarks/bench.py` reports the agreement of greedy outputs. PyTorch marks the quantized-tensor API
-these kernels take deprecated; if a later torch drops it, `available()` is False and quantizing says so.
+- `Int8Linear`: the weight in int8 with one scale per output row (symmetric, round to nearest), one byte per weight.
+  Each call quantizes its input rows to int8 the same way (one scale per row) and multiplies int8 by int8 into int32
+  sums with `torch._int_mm`; for 2 to `FEW_ROWS - 1` rows, where `_int_mm` is slow, it multiplies the input as it is
+  (bfloat16) by the int8 weight with `torch.ops.aten._weight_int8pack_mm`. Integer sums are exact, so a row's result
+  does not depend on the other rows of the call (1 row, or `FEW_ROWS` and more).
+- `Int4Linear`: the weight in 4 bits per value, asymmetric, a bfloat16 scale and offset per group of `GROUP` inputs
+  (0.56 bytes per weight), multiplied with `torch.ops.aten._weight_int4pack_mm_for_cpu`, the layout torchao's CPU int4
+  uses; the input runs in bfloat16.
+
+Both are PyTorch's own kernels: nothing to install, and unlike the fbgemm `torch.ao` quantized-tensor API they are not
+deprecated. docs/performance.md ("Quantized kernels") compares them with fbgemm and with torchao's layers at the
+official models' shapes (`benchmarks/quant_kernels.py`). A layer takes any floating input and answers in the input's
+dtype, so the rest of the model may be float32 or bfloat16. A quantized model is for inference only: it has no
+gradients and cannot be saved (save the unquantized model; quantize when loading).
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instructblip.accel.cpu_linear import unpack
 
-_ENGINES = ("x86", "fbgemm")
+MODES = ("int8", "int4")  # the language model's quantizations
+VISION_MODES = ("int8",)
+FEW_ROWS = 16  # from this many rows on, int8 x int8 (`_int_mm`) beats the bf16 x int8 kernel again
+GROUP = 128  # int4: inputs per scale and offset (torchao's default); smaller groups where the width needs them
+_INT4_GROUPS = (GROUP, 64, 32)
+_INT4_ROWS = 16  # the int4 packing takes a multiple of this many output rows
 
 
-def available() -> bool:
-    """Whether this torch has the fbgemm engine and the dynamic int8 linear ops used here."""
-    ops = torch.ops.quantized
-    return (any(e in torch.backends.quantized.supported_engines for e in _ENGINES)
-            and hasattr(ops, "linear_prepack") and hasattr(ops, "linear_dynamic"))
+def available(mode: str = "int8") -> bool:
+    """Whether this torch has the kernels of `mode` ("int8" or "int4")."""
+    ops = torch.ops.aten
+    if mode == "int8":
+        return hasattr(ops, "_int_mm") and hasattr(ops, "_weight_int8pack_mm")
+    return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+
+
+def _inference_only(x: Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("a quantized model is for inference only; train the unquantized model")
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W int8 (per-output-row scales) and x quantized per call; float32 in and out."""
+    """y = x W^T + b with W int8 (per-output-row scales); x quantized per row on each call; out in x's dtype."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
-        w = weight.detach().float()
+        w = weight.detach().float()  # one layer at a time: the float32 copy lives only here
         self.out_features, self.in_features = w.shape
-        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-        zero = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():  # PyTorch marks its quantized tensors deprecated (pytorch#184982); the
-            warnings.simplefilter("ignore")  # kernels are in torch 2.13, and available() says when they are gone
-            q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        b = bias.detach().float() if bias is not None else None
-        self._packed = torch.ops.quantized.linear_prepack(q, b)
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        # buffers, not in the state dict: a quantized model is not saved, and loading fills no keys of its layers
+        self.register_buffer("qweight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), False)
+        self.register_buffer("scale", scale, False)
+        self.register_buffer("scale_bf16", scale.bfloat16(), False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("an int8-quantized model is for inference only; train the float32 model")
-        flat = x.reshape(-1, self.in_features)
-        out = torch.ops.quantized.linear_dynamic(flat.float(), self._packed, True)  # 7-bit activations, as on x86
-        return out.reshape(*x.shape[:-1], self.out_features)
+        _inference_only(x)
+        flat = x.reshape(-1, self.in_features)  # [rows, in]
+        rows = flat.shape[0]
+        if 1 < rows < FEW_ROWS:
+            out = torch.ops.aten._weight_int8pack_mm(flat.bfloat16(), self.qweight, self.scale_bf16).float()
+        else:
+            xf = flat.float()
+            x_scale = (xf.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)  # [rows, 1]
+            xq = (xf / x_scale).round_().to(torch.int8)
+            out = torch._int_mm(xq, self.qweight.t()).float() * x_scale * self.scale
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def check_int8(device: torch.device | str, dtype: torch.dtype) -> None:
-    """Raise, saying what to do, unless int8 quantization can run here for a model in `dtype` on `device`; then
-    select the int8 engine."""
-    if not available():
-        raise RuntimeError("this torch build has no fbgemm int8 kernels (torch.backends.quantized.supported_engines "
-                           f"= {torch.backends.quantized.supported_engines}); run without --quantize")
-    if torch.device(device).type != "cpu" or dtype != torch.float32:
-        raise ValueError(f"--quantize int8 is for float32 inference on the CPU; this model is {dtype} on "
-                         f"{torch.device(device).type}: load it with device='cpu' and dtype='float32' (--device cpu "
-                         "--dtype float32), or drop --quantize")
-    torch.backends.quantized.engine = next(e for e in _ENGINES if e in torch.backends.quantized.supported_engines)
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4 bits (asymmetric, a scale and offset per group of inputs); x runs in bfloat16."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.group = next((g for g in _INT4_GROUPS if self.in_features % g == 0), 0)
+        if not self.group:
+            raise ValueError(f"int4 needs an input width divisible by 32, not {self.in_features}")
+        w = F.pad(w, (0, 0, 0, -self.out_features % _INT4_ROWS))  # zero rows, sliced off the output
+        rows = w.shape[0]
+        groups = w.reshape(rows, -1, self.group)  # [rows, in / group, group]
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp_min(1e-12)
+        q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(rows, -1)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), False)
+        # [in / group, rows, 2]: the kernel's layout of scales and offsets
+        scale_zero = torch.stack([scale.reshape(rows, -1).t(), zero.reshape(rows, -1).t()], dim=-1)
+        self.register_buffer("scale_zero", scale_zero.bfloat16().contiguous(), False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _inference_only(x)
+        flat = x.reshape(-1, self.in_features).bfloat16().contiguous()  # [rows, in]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
+        out = out[:, :self.out_features].float()
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 (group {self.group})"
 
 
-def finish_int8(model: nn.Module) -> nn.Module:
-    """After the language model's linear layers became `Int8Linear`s: a tied LM head gets an int8 copy of the
-    embedding matrix (the embedding itself stays float32 for the lookups); the model is marked quantized."""
-    lm = model.language_model
-    if lm.has_lm_head and lm.lm_head is None:  # tied to the embeddings
-        lm.lm_head = Int8Linear(lm.embed_tokens.weight, None)
-    model.quantized = "int8"
+def layer_class(mode: str) -> type[nn.Module]:
+    """The layer of a quantization mode, after checking it can run here."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; use {' or '.join(MODES)}, or none")
+    if not available(mode):
+        raise RuntimeError(f"this torch ({torch.__version__}) lacks the {mode} CPU kernels; run without --quantize")
+    return Int8Linear if mode == "int8" else Int4Linear
+
+
+def check_device(device: torch.device | str, flag: str) -> None:
+    """Quantized layers run on the CPU only."""
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{flag} runs on the CPU only, not {torch.device(device).type}: use --device cpu, or drop "
+                         f"{flag} on a GPU (bfloat16 is the fast path there)")
+
+
+def finish(model: nn.Module, mode: str | None, vision: str | None) -> nn.Module:
+    """After the linear layers were replaced while loading: a tied LM head gets a quantized copy of the embedding
+    matrix (the embedding itself stays as it is, for the lookups); the model records what is quantized."""
+    if mode is not None:
+        lm = model.language_model
+        if lm.has_lm_head and lm.lm_head is None:  # tied to the embeddings
+            lm.lm_head = layer_class(mode)(lm.embed_tokens.weight, None)
+    model.quantized = mode
+    model.quantized_vision = vision
     return model
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize the language model of a loaded InstructBlipForConditionalGeneration in place; returns it. (Loading
-    with `from_pretrained(..., quantize="int8")` quantizes each layer as it is read instead, without the float32
-    language model ever being in memory whole.)
-
-    The model must be on the CPU in float32.
-    """
-    if model.quantized:
-        return model
-    lm = model.language_model
-    param = next(lm.parameters())
-    check_int8(param.device, param.dtype)
-    unpack(lm)  # packed float32 weights (cpu_linear.Linear) back to plain matrices, which quantizing reads
-    targets = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, child, Int8Linear(module.weight, module.bias))
-    return finish_int8(model)
+def quantize(model: nn.Module, mode: str | None = "int8", vision: str | None = None) -> nn.Module:
+    """Quantize a loaded InstructBLIP network on the CPU in place: the language model's linear layers in `mode`,
+    the vision encoder's in `vision` (None: leave it); returns the model. (Loading with `from_pretrained(...,
+    quantize=...)` quantizes each layer as it is read instead, never holding the whole model unquantized.)"""
+    if (model.quantized, model.quantized_vision) == (mode, vision):
+        return model  # quantizing twice the same way is once
+    if model.quantized or model.quantized_vision:
+        raise ValueError("this model is already quantized; load it again to quantize it another way")
+    if vision not in (None, *VISION_MODES):
+        raise ValueError(f"unknown vision quantization {vision!r}; use int8, or none")
+    check_device(next(model.parameters()).device, "quantizing")
+    for part, how in ((model.language_model, mode), (model.vision_model, vision)):
+        if how is None:
+            continue
+        cls = layer_class(how)
+        unpack(part)  # packed float32 weights (cpu_linear.Linear) back to plain matrices, which quantizing reads
+        for name, module in [(n, m) for n, m in part.named_modules() if isinstance(m, nn.Linear)]:
+            parent_name, _, child = name.rpartition(".")
+            parent = part.get_submodule(parent_name) if parent_name else part
+            setattr(parent, child, cls(module.weight, module.bias))
+    return finish(model, mode, vision)

@@ -197,7 +197,7 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
              batch_size: int = DEFAULT_BATCH_SIZE, mode: str | None = None, prompt: str | None = None,
              device: str = "auto", dtype: str = "auto", rank_batch_size: int | None = DEFAULT_RANK_BATCH_SIZE,
              model_name: str | None = None, progress: bool = True, samples: list[Sample] | None = None,
-             quantize: str | None = None) -> dict:
+             quantize: str | None = None, quantize_vision: str | None = None) -> dict:
     """Run one benchmark zero-shot and score it; returns the results dict (on every rank under torchrun).
 
     `model`: an `InstructBlip` (from `instructblip.load`), or a directory / hub id to load (None: the default
@@ -205,7 +205,8 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
     where predictions and results go (None: nothing written, no resuming). `mode`: "generate" or "rank" where the
     benchmark supports both; `prompt`: the easy-vqa instruction template. `rank_batch_size`: (sample, candidate)
     rows per forward when ranking. `samples`: the split's samples if already loaded (`benchmark.load`).
-    `quantize`: "int8" to quantize the LLM when loading (CPU; see quantize.py).
+    `quantize`: "int8" or "int4" to quantize the LLM when loading, `quantize_vision`: "int8" for the vision encoder
+    (CPU; `accel.quantize`).
     """
     from instructblip.api import InstructBlip, load
 
@@ -235,7 +236,7 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
     else:
         if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        vlm = load(model, device=device, dtype=dtype, quantize=quantize)
+        vlm = load(model, device=device, dtype=dtype, quantize=quantize, quantize_vision=quantize_vision)
         model_name = model_name or (str(model) if model is not None else "default model")
     is_t5 = vlm.model.config.text_config.is_encoder_decoder
     settings = {
@@ -247,6 +248,8 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
     }
     if vlm.model.quantized:  # part of the settings a resumed run must share
         settings["quantized"] = vlm.model.quantized
+    if vlm.model.quantized_vision:
+        settings["quantized_vision"] = vlm.model.quantized_vision
     run = {"benchmark": bench.name, "split": split, "model": model_name, "settings": settings}
 
     stem = f"{bench.name}_{split}" + ("" if bench.mode == type(bench).mode else f"_{bench.mode}")
@@ -358,7 +361,8 @@ def evaluate_benchmarks(model: str | None, names: list[str], data: str | None, s
                         limit: int | None = None, output_dir: str = DEFAULT_OUTPUT,
                         batch_size: int = DEFAULT_BATCH_SIZE, rank_batch_size: int = DEFAULT_RANK_BATCH_SIZE,
                         mode: str | None = None, prompt: str | None = None, device: str = "auto", dtype: str = "auto",
-                        quantize: str | None = None, progress: bool = True) -> dict[str, float | None]:
+                        quantize: str | None = None, quantize_vision: str | None = None,
+                        progress: bool = True) -> dict[str, float | None]:
     """Evaluate the model `model` (a directory or hub id; None: the shipped model) on `names`, printing one line per
     benchmark and, for several, the paper's Table 1 with ours added (also written to `output_dir`/table1.md).
 
@@ -400,7 +404,7 @@ def evaluate_benchmarks(model: str | None, names: list[str], data: str | None, s
     if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model_name = model or "default model"
-    vlm = load(model, device=device, dtype=dtype, quantize=quantize)
+    vlm = load(model, device=device, dtype=dtype, quantize=quantize, quantize_vision=quantize_vision)
     scores: dict[str, float | None] = {}
     try:
         for bench, samples in jobs:

@@ -46,7 +46,8 @@ class InstructBlipNetwork(nn.Module):
             self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
         else:
             self.language_model = Llama(text, lm_head=self.has_lm_head)
-        self.quantized: str | None = None  # "int8" after accel.quantize_int8()
+        self.quantized: str | None = None  # the language model's quantization ("int8", "int4"), set by accel.quantize
+        self.quantized_vision: str | None = None  # the vision encoder's ("int8")
 
     # ---- small conveniences ----
 

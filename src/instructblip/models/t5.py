@@ -117,7 +117,7 @@ class T5FeedForward(nn.Module):
             h = self.act(self.wi(x))
         if self.training:
             h = F.dropout(h, self.dropout, True)
-        if isinstance(self.wo, nn.Linear):  # (an int8 layer of quantize.py takes float32 as it is)
+        if isinstance(self.wo, nn.Linear):  # (a quantized layer of accel.quantize takes any float dtype)
             h = h.to(self.wo.weight.dtype)
         return self.wo(h)
 

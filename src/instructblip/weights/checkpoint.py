@@ -409,12 +409,14 @@ def _skip_init():
 
 
 def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipConfig | None = None,
-                    mmap_ok: bool = True, lm_linear: Callable[[Tensor, Tensor | None], nn.Module] | None = None):
+                    mmap_ok: bool = True,
+                    linear: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] | None = None):
     """Build `cls` (InstructBlipModel or InstructBlipForConditionalGeneration) from an HF-layout directory.
 
-    `lm_linear`: builds each of the language model's linear layers from its weight and bias as soon as both are read
-    (e.g. an int8 layer: quantizing while loading), so that the language model never exists in `dtype` as a whole;
-    the tensors it was given are released before the next is read. None keeps `nn.Linear`.
+    `linear`: per top-level part ("language_model", "vision_model"), what builds each of its linear layers from the
+    weight and bias as soon as both are read (e.g. an int8 layer: quantizing while loading), so that the part never
+    exists in `dtype` as a whole; the tensors it was given are released before the next is read. A part not named
+    keeps `nn.Linear`.
 
     On CPU, a tensor stored in the dtype it will be used in is mapped from the file (copy-on-write) instead of read:
     loading is then nearly free and the pages are read as the model first touches them; fused tensors (q|k|v...)
@@ -447,24 +449,27 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
         raise AssertionError(f"weight map out of sync: {sorted(set(targets) ^ {e.ours for e in entries})[:5]}")
     _check_keys(entries, targets, reader, directory, cls.has_lm_head)
 
-    # the language model's linear layers that lm_linear builds: module name -> the keys of its tensors
+    # the linear layers that `linear` builds: module name -> the keys of its tensors, and its builder
     built: dict[str, dict[str, Tensor]] = {}
     pending: dict[str, set[str]] = {}
-    if lm_linear is not None:
-        for name, module in model.language_model.named_modules():
+    builders: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {}
+    for part, builder in (linear or {}).items():
+        for name, module in model.get_submodule(part).named_modules():
             if isinstance(module, nn.Linear):
-                full = f"language_model.{name}"
+                full = f"{part}.{name}"
                 pending[full] = {f"{full}.weight"} | ({f"{full}.bias"} if module.bias is not None else set())
+                builders[full] = builder
     owner = {key: name for name, keys in pending.items() for key in keys}
 
-    def build(name: str) -> None:  # a layer lm_linear builds, once its tensors are all read; they are dropped
+    def build(name: str) -> None:  # a layer `linear` builds, once its tensors are all read; they are dropped
         tensors = built.pop(name)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, lm_linear(tensors[f"{name}.weight"], tensors.get(f"{name}.bias")))
+        layer = builders[name](tensors[f"{name}.weight"], tensors.get(f"{name}.bias"))
+        setattr(model.get_submodule(parent), child, layer)
 
     state = {}
     for entry in entries:
-        # (a layer lm_linear builds is read, not mapped: mapped pages touched would stay resident while loading)
+        # (a layer `linear` builds is read, not mapped: mapped pages touched would stay resident while loading)
         state[entry.ours] = _read_entry(entry, targets[entry.ours], dtype, device, reader,
                                         mmap_ok and entry.ours not in owner)
         name = owner.get(entry.ours)

@@ -1,6 +1,6 @@
-"""Will a model fit? The memory a checkpoint needs per way of loading it, against what this process may still use,
-checked before anything is allocated (a 7B model in float32 needs 32 GB: better one clear line than the allocator's
-failure twenty seconds in).
+"""Will a model fit, and in which dtype? The memory a checkpoint needs per way of loading it, against what this
+process may still use, checked before anything is allocated (a 7B model in float32 needs 32 GB: better one clear line
+than the allocator's failure twenty seconds in); the dtype "auto" picks on the CPU.
 """
 
 from __future__ import annotations
@@ -16,22 +16,63 @@ from instructblip.models.instructblip import InstructBlipNetwork
 GiB = 2**30
 HEADROOM = 0.10  # activations, the KV cache, the allocator's slack: on top of the weights
 MIN_HEADROOM = 256 * 2**20
-FLAGS = {"float32": "--dtype float32", "bfloat16": "--dtype bfloat16", "int8": "--quantize int8"}  # per option
+SMALL = GiB  # float32 weights below this: float32 even where bfloat16 is native (speed is not the weights' reads)
+MODES = ("float32", "bfloat16", "int8", "int4")
+FLAGS = {"float32": "--dtype float32", "bfloat16": "--dtype bfloat16", "int8": "--quantize int8",
+         "int4": "--quantize int4"}  # per way of loading
+INT4_GROUP = 128  # inputs per int4 scale and offset (accel.quantize.GROUP)
 
 
 class ModelTooLargeError(ValueError):
     """The model does not fit in the memory this process may use, in the way it was asked to load."""
 
 
-def weight_bytes(config: InstructBlipConfig) -> dict[str, int]:
-    """Bytes of the weights per way of loading: "float32", "bfloat16", and "int8" (the language model's linear layers
-    in int8 at two bytes a weight, fbgemm's packed copy and its int8 matrix; the rest in float32). Counted on the
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where bfloat16 runs faster than float32
+    instead of being converted back and forth."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read(8192)  # the first processor's block
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in head.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def rest_dtype() -> torch.dtype:
+    """The dtype of what a quantized model keeps unquantized (vision encoder, Q-Former, embeddings, norms) when none
+    is asked for: bfloat16 where the CPU computes it natively, else float32."""
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def weight_bytes(config: InstructBlipConfig, rest: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes of the weights per way of loading: "float32", "bfloat16", "int8" and "int4" (the language model's linear
+    layers, its head included, in int8 at one byte a weight plus the scales of its rows, or in int4 at half a byte plus
+    a bfloat16 scale and offset per `INT4_GROUP` weights; the rest in `rest`, default `rest_dtype()`). Counted on the
     meta device: nothing is allocated."""
+    rest_size = (rest or rest_dtype()).itemsize
     with torch.device("meta"):
         model = InstructBlipNetwork(config)
     total = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for m in model.language_model.modules() if isinstance(m, nn.Linear))
-    return {"float32": 4 * total, "bfloat16": 2 * total, "int8": 2 * linear + 4 * (total - linear)}
+    lm = model.language_model
+    layers = [m.weight for m in lm.modules() if isinstance(m, nn.Linear)]
+    linear, rows = sum(w.numel() for w in layers), sum(w.shape[0] for w in layers)
+    tied = lm.embed_tokens.weight if lm.has_lm_head and lm.lm_head is None else None  # gets a quantized copy
+    copy, copy_rows = (tied.numel(), tied.shape[0]) if tied is not None else (0, 0)
+    unquantized = rest_size * (total - linear)
+    return {"float32": 4 * total, "bfloat16": 2 * total,
+            "int8": (linear + copy) + 6 * (rows + copy_rows) + unquantized,
+            "int4": (linear + copy) // 2 + 4 * (linear + copy) // INT4_GROUP + unquantized}
+
+
+def auto_dtype(config: InstructBlipConfig, available: int | None = None) -> torch.dtype:
+    """The dtype that fits this CPU: float32 when it fits with room for the run and either the CPU has no native
+    bfloat16 or the model is small (under `SMALL` in float32); bfloat16 otherwise (`check_fits` then says whether even
+    that fits)."""
+    available = available_bytes() if available is None else available
+    sizes = weight_bytes(config, torch.float32)
+    fits = available is None or needed(sizes["float32"]) <= available
+    return torch.float32 if fits and (not native_bf16() or sizes["float32"] < SMALL) else torch.bfloat16
 
 
 def needed(weights: int) -> int:
@@ -62,13 +103,15 @@ def available_bytes() -> int | None:
     return max(min(limits), 0) if limits else None
 
 
-def check_fits(config: InstructBlipConfig, mode: str, available: int | None = None) -> None:
+def check_fits(config: InstructBlipConfig, mode: str, available: int | None = None,
+               rest: torch.dtype | None = None) -> None:
     """ModelTooLargeError, in one line naming the GiB each way of loading needs and the flags of those that fit,
-    unless `mode` ("float32", "bfloat16" or "int8") fits in `available` bytes (default: `available_bytes()`)."""
+    unless `mode` (one of `MODES`) fits in `available` bytes (default: `available_bytes()`); `rest`: the dtype of
+    a quantized model's unquantized parts."""
     available = available_bytes() if available is None else available
     if available is None:
         return
-    need = {name: needed(b) for name, b in weight_bytes(config).items()}
+    need = {name: needed(b) for name, b in weight_bytes(config, rest).items()}
     if need[mode] <= available:
         return
     table = ", ".join(f"{name} {need[name] / GiB:.1f} GiB" for name in need)
