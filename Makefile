@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench easyvqa easyvqa-ablation clean
+.PHONY: install test lint demo bench bench-real easyvqa easyvqa-ablation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --write benchmarks/RESULTS.md
+
+# Vicuna-7B and Flan-T5-XL at their real shapes, random weights (24 GB written once under ~/.cache/instructblip-bench);
+# about an hour on 2 cores, wants ~20 GB free memory and a quiet machine; not part of `make test`
+bench-real: $(STAMP)
+	$(BIN)/python benchmarks/bench_real.py --write benchmarks/RESULTS.md
 
 # the default model: trains the small InstructBLIP on easy-vqa (about 29 minutes on 2 cores) and installs it into
 # src/instructblip/default_model/ (docs/easyvqa.md records the result's sha256)
