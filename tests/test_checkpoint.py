@@ -271,7 +271,7 @@ def test_unknown_hub_id_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointNotFoundError, match="huggingface-cli download Salesforce/instructblip-flan-t5-xl"):
+    with pytest.raises(CheckpointNotFoundError, match="hf download Salesforce/instructblip-flan-t5-xl"):
         InstructBlipForConditionalGeneration.from_pretrained("Salesforce/instructblip-flan-t5-xl")
     with pytest.raises(CheckpointNotFoundError, match="neither a local directory nor a hub id"):
         InstructBlipForConditionalGeneration.from_pretrained("no such dir")

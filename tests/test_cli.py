@@ -233,3 +233,34 @@ def test_default_model_is_used_when_none_is_named():
     out = run("ask", os.path.join(root, "examples", "chelsea.jpg"), "What is in this picture?", "--max-new-tokens", 5)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_info_of_a_hub_id_fetches_the_json_files_only(tmp_path, monkeypatch, capsys):
+    """`info` on a hub id that is not in the cache asks the hub for the JSON files only (config, shard index), never
+    the weights, and prints the sizes and the memory table from the config."""
+    import huggingface_hub
+
+    from instructblip.cli import main
+    from instructblip.models.config import InstructBlipConfig
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns=None, **_):
+        asked.append((repo_id, allow_patterns))
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir(exist_ok=True)
+        data = InstructBlipConfig.from_name("vicuna-7b").to_dict() | {"torch_dtype": "float32"}
+        (snapshot / "config.json").write_text(json.dumps(data))
+        (snapshot / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"query_tokens": "model-00001-of-00004.safetensors"}}))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["info", "Salesforce/instructblip-vicuna-7b"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [("Salesforce/instructblip-vicuna-7b", ["*.json"])]
+    assert "7,91" in out  # 7,914 M parameters in all
+    assert "float32 (from config.json; the weights are not here)" in out
+    assert all(flag in out for flag in ("--dtype bfloat16", "--quantize int8", "--quantize int4"))

@@ -215,13 +215,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from instructblip.api import default_model_dir
-    from instructblip.hub import resolve_checkpoint_dir
+    from instructblip.hub import resolve_config_dir
     from instructblip.modeling import InstructBlipForConditionalGeneration
     from instructblip.models.config import InstructBlipConfig
-    from instructblip.weights.checkpoint import _Reader
-    from instructblip.weights.memory import FLAGS, available_bytes, needed, weight_bytes
+    from instructblip.weights.checkpoint import CheckpointError, _Reader
+    from instructblip.weights.memory import FLAGS, available_bytes, needed, rest_dtype, weight_bytes
 
-    directory = resolve_checkpoint_dir(args.model or default_model_dir())
+    directory = resolve_config_dir(args.model or default_model_dir())  # a hub id: its JSON files, not the weights
     config = InstructBlipConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = InstructBlipForConditionalGeneration(config)
@@ -230,8 +230,11 @@ def cmd_info(args: argparse.Namespace) -> int:
              + model.query_tokens.numel(), "projection": count(model.language_projection),
              "language model": count(model.language_model)}
     total = sum(parts.values())
-    reader = _Reader(directory)
-    stored = reader.first_float_dtype()
+    try:
+        stored = str(_Reader(directory).first_float_dtype()).removeprefix("torch.")  # from the files' headers
+    except CheckpointError:  # a config without the weights (a hub id not downloaded): what the config says
+        said = config.extra.get("torch_dtype", config.extra.get("dtype", "unknown"))
+        stored = f"{said} (from config.json; the weights are not here)"
     text = config.text_config
     print(f"model:      {directory}")
     print(f"LLM:        {text.model_type} ({'encoder-decoder' if text.is_encoder_decoder else 'decoder-only'}), "
@@ -242,10 +245,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, n in parts.items():
         print(f"  {name:<20} {n / 1e6:>12,.1f} M parameters")
     print(f"  {'total':<20} {total / 1e6:>12,.1f} M parameters")
-    print(f"stored as:  {str(stored).removeprefix('torch.')}")
+    print(f"stored as:  {stored}")
     available = available_bytes()
     free = f"{_bytes(available)} free here" if available is not None else "free memory unknown"
-    print(f"memory to load on the CPU (weights + room for activations; {free}):")
+    rest = str(rest_dtype()).removeprefix("torch.")
+    print(f"memory to load on the CPU (weights + room for activations; int8 / int4 keep the rest in {rest}; {free}):")
     for mode, size in weight_bytes(config).items():
         verdict = "" if available is None else "  fits" if needed(size) <= available else "  does not fit"
         print(f"  {mode:<10} {FLAGS[mode]:<18} weights {_bytes(size):>10}, needs {_bytes(needed(size)):>10}{verdict}")

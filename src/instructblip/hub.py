@@ -53,8 +53,23 @@ def resolve_checkpoint_dir(name: str | os.PathLike) -> str:
     snapshot = _cached_snapshot(path)
     if snapshot:
         return snapshot
+    return _download(path, _ALLOW)
+
+
+def resolve_config_dir(name: str | os.PathLike) -> str:
+    """A local directory holding at least the config of `name`: the checkpoint itself when it is local or cached; for
+    a hub id not in the cache, its JSON files only (config, shard index, generation and tokenizer configs), without
+    the weights: enough to describe the model and what it needs (`instructblip info`)."""
+    path = os.fspath(name)
+    if os.path.exists(path) or not _HUB_ID.match(path) or _cached_snapshot(path):
+        return resolve_checkpoint_dir(path)
+    return _download(path, ["*.json"])
+
+
+def _download(path: str, patterns: list[str]) -> str:
+    """Fetch the files of hub id `path` matching `patterns` with huggingface_hub, or say how to get them."""
     how = (
-        f"download it where the network allows with `huggingface-cli download {path}` (it lands in the HF cache, "
+        f"download it where the network allows with `hf download {path}` (it lands in the Hugging Face cache, "
         f"where we look), or pass a local directory holding its config.json and *.safetensors"
     )
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
@@ -67,6 +82,6 @@ def resolve_checkpoint_dir(name: str | os.PathLike) -> str:
             f"(pip install 'instructblip[hub]'): {how}"
         ) from None
     try:
-        return snapshot_download(path, allow_patterns=_ALLOW)
+        return snapshot_download(path, allow_patterns=patterns)
     except Exception as e:  # network errors, unknown repos, gated repos: one message with the fix
         raise CheckpointNotFoundError(f"could not fetch {path} from the hub ({type(e).__name__}: {e}); {how}") from None

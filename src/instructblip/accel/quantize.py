@@ -3,9 +3,9 @@
 
 - `Int8Linear`: the weight in int8 with one scale per output row (symmetric, round to nearest), one byte per weight.
   Each call quantizes its input rows to int8 the same way (one scale per row) and multiplies int8 by int8 into int32
-  sums with `torch._int_mm`; for 2 to `FEW_ROWS - 1` rows, where `_int_mm` is slow, it multiplies the input as it is
-  (bfloat16) by the int8 weight with `torch.ops.aten._weight_int8pack_mm`. Integer sums are exact, so a row's result
-  does not depend on the other rows of the call (1 row, or `FEW_ROWS` and more).
+  sums with `torch._int_mm`; for 2 to `FEW_ROWS - 1` rows of a layer at least `WIDE` inputs wide, where `_int_mm` is
+  slow, it multiplies the input as it is (bfloat16) by the int8 weight with `torch.ops.aten._weight_int8pack_mm`.
+  Integer sums are exact, so on the `_int_mm` path a row's result does not depend on the other rows of the call.
 - `Int4Linear`: the weight in 4 bits per value, asymmetric, a bfloat16 scale and offset per group of `GROUP` inputs
   (0.56 bytes per weight), multiplied with `torch.ops.aten._weight_int4pack_mm_for_cpu`, the layout torchao's CPU int4
   uses; the input runs in bfloat16.
@@ -28,9 +28,11 @@ from instructblip.accel.cpu_linear import unpack
 MODES = ("int8", "int4")  # the language model's quantizations
 VISION_MODES = ("int8",)
 FEW_ROWS = 16  # from this many rows on, int8 x int8 (`_int_mm`) beats the bf16 x int8 kernel again
+WIDE = 2048  # inputs: from this width on, `_int_mm` is slow for 2 to FEW_ROWS - 1 rows (narrower, it is the faster)
 GROUP = 128  # int4: inputs per scale and offset (torchao's default); smaller groups where the width needs them
 _INT4_GROUPS = (GROUP, 64, 32)
 _INT4_ROWS = 16  # the int4 packing takes a multiple of this many output rows
+_CHUNK = 1 << 18  # weights converted at a time while quantizing
 
 
 def available(mode: str = "int8") -> bool:
@@ -51,11 +53,17 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
-        w = weight.detach().float()  # one layer at a time: the float32 copy lives only here
-        self.out_features, self.in_features = w.shape
-        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        self.out_features, self.in_features = weight.shape
+        qweight = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(self.out_features)
+        step = max(1, _CHUNK // self.in_features)
+        for start in range(0, self.out_features, step):  # a block of rows at a time: its float32 copy stays in cache
+            w = weight[start:start + step].detach().float()
+            s = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+            qweight[start:start + step] = (w / s[:, None]).round_().clamp_(-127, 127)
+            scale[start:start + step] = s
         # buffers, not in the state dict: a quantized model is not saved, and loading fills no keys of its layers
-        self.register_buffer("qweight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), False)
+        self.register_buffer("qweight", qweight, False)
         self.register_buffer("scale", scale, False)
         self.register_buffer("scale_bf16", scale.bfloat16(), False)
         self.register_buffer("bias", None if bias is None else bias.detach().float(), False)
@@ -64,7 +72,7 @@ class Int8Linear(nn.Module):
         _inference_only(x)
         flat = x.reshape(-1, self.in_features)  # [rows, in]
         rows = flat.shape[0]
-        if 1 < rows < FEW_ROWS:
+        if 1 < rows < FEW_ROWS and self.in_features >= WIDE:
             out = torch.ops.aten._weight_int8pack_mm(flat.bfloat16(), self.qweight, self.scale_bf16).float()
         else:
             xf = flat.float()
@@ -84,22 +92,27 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
+        self.out_features, self.in_features = weight.shape
         self.group = next((g for g in _INT4_GROUPS if self.in_features % g == 0), 0)
         if not self.group:
             raise ValueError(f"int4 needs an input width divisible by 32, not {self.in_features}")
-        w = F.pad(w, (0, 0, 0, -self.out_features % _INT4_ROWS))  # zero rows, sliced off the output
-        rows = w.shape[0]
-        groups = w.reshape(rows, -1, self.group)  # [rows, in / group, group]
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp_min(1e-12)
-        q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(rows, -1)
-        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), False)
-        # [in / group, rows, 2]: the kernel's layout of scales and offsets
-        scale_zero = torch.stack([scale.reshape(rows, -1).t(), zero.reshape(rows, -1).t()], dim=-1)
-        self.register_buffer("scale_zero", scale_zero.bfloat16().contiguous(), False)
+        rows = self.out_features + (-self.out_features % _INT4_ROWS)  # zero rows added, sliced off the output
+        packed = torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
+        scale_zero = torch.empty(self.in_features // self.group, rows, 2, dtype=torch.bfloat16)  # the kernel's layout
+        step = max(_INT4_ROWS, _CHUNK // self.in_features // _INT4_ROWS * _INT4_ROWS)
+        for start in range(0, rows, step):  # blocks of rows (the packing is row by row): small float32 copies
+            w = weight[start:start + step].detach().float()
+            w = F.pad(w, (0, 0, 0, min(step, rows - start) - w.shape[0]))
+            groups = w.reshape(w.shape[0], -1, self.group)  # [block rows, in / group, group]
+            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            scale = ((high - low) / 15).clamp_min(1e-12)
+            q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(w.shape[0], -1)
+            packed[start:start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+            scale_zero[:, start:start + step, 0] = scale.reshape(w.shape[0], -1).t()
+            scale_zero[:, start:start + step, 1] = zero.reshape(w.shape[0], -1).t()
+        self.register_buffer("packed", packed, False)
+        self.register_buffer("scale_zero", scale_zero, False)
         self.register_buffer("bias", None if bias is None else bias.detach().float(), False)
 
     def forward(self, x: Tensor) -> Tensor:
