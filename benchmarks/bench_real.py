@@ -1,8 +1,8 @@
 """Real sizes: InstructBLIP Vicuna-7B and Flan-T5-XL at the official shapes (random bf16 weights), ours against
 transformers, each load and measurement in a fresh process. Not part of `make test`; `make bench-real` runs it.
 
-    python benchmarks/bench_real.py [--presets vicuna-7b flan-t5-xl] [--modes fp32 bf16 int8 int4 int8+vision-int8]
-                                    [--reps 2] [--dir DIR] [--write benchmarks/RESULTS.md]
+    python benchmarks/bench_real.py [--presets vicuna-7b flan-t5-xl] [--reps 2] [--dir DIR]
+        [--modes fp32 bf16 int8 int4 int8+vision-int8 int4+vision-int8] [--write benchmarks/RESULTS.md]
     python benchmarks/bench_real.py --presets tiny --reps 1   # the whole script on small configs, in seconds
 
 Checkpoints: random weights (normal, std 0.02; norm weights 1, biases 0) at the official configs, written once in
@@ -43,7 +43,7 @@ REAL_PRESETS = ("vicuna-7b", "flan-t5-xl")
 TINY_PRESETS = ("tiny-vicuna", "tiny-t5")
 # (implementation, mode) in the order a repetition runs them: ours and transformers alternate where both have a mode
 RUNS = [("ours", "fp32"), ("transformers", "fp32"), ("ours", "bf16"), ("transformers", "bf16"), ("ours", "int8"),
-        ("ours", "int4"), ("ours", "int8+vision-int8")]
+        ("ours", "int4"), ("ours", "int8+vision-int8"), ("ours", "int4+vision-int8")]
 MODES = list(dict.fromkeys(mode for _, mode in RUNS))
 SHARD_BYTES = 2 * 10**9
 DONE = "BENCH_CHECKPOINT_COMPLETE"  # written last into a finished checkpoint directory
@@ -80,7 +80,8 @@ try:
     if impl == "ours":
         from instructblip import InstructBlipForConditionalGeneration
         kw = {"fp32": {"dtype": torch.float32}, "bf16": {"dtype": torch.bfloat16}, "int8": {"quantize": "int8"},
-              "int4": {"quantize": "int4"}, "int8+vision-int8": {"quantize": "int8", "quantize_vision": "int8"}}[mode]
+              "int4": {"quantize": "int4"}, "int8+vision-int8": {"quantize": "int8", "quantize_vision": "int8"},
+              "int4+vision-int8": {"quantize": "int4", "quantize_vision": "int8"}}[mode]
         model = InstructBlipForConditionalGeneration.from_pretrained(path, **kw)
         # float32 pixels: ours casts them to its vision encoder's dtype, whatever the mode made that
     else:
@@ -277,7 +278,8 @@ def weights_in_memory(shapes: dict[str, tuple[int, ...]], impl: str, mode: str) 
     lm = sum(math.prod(s) for k, s in shapes.items() if is_lm_linear(k, s))
     vision = sum(math.prod(s) for k, s in shapes.items() if k.startswith("vision_model.encoder.") and len(s) == 2)
     nbytes = {"fp32": 4 * total, "bf16": 2 * total, "int8": lm + 2 * (total - lm),
-              "int4": 0.6 * lm + 2 * (total - lm), "int8+vision-int8": lm + vision + 2 * (total - lm - vision)}[mode]
+              "int4": 0.6 * lm + 2 * (total - lm), "int8+vision-int8": lm + vision + 2 * (total - lm - vision),
+              "int4+vision-int8": 0.6 * lm + vision + 2 * (total - lm - vision)}[mode]
     return nbytes * (1.1 if impl == "transformers" else 1.0)
 
 
@@ -291,7 +293,7 @@ def step_bytes(shapes: dict[str, tuple[int, ...]], mode: str) -> float:
             continue
         rows, n = shape[0], math.prod(shape)
         total += {"fp32": 4 * n, "bf16": 2 * n, "int8": n + 4 * rows, "int8+vision-int8": n + 4 * rows,
-                  "int4": n / 2 + 4 * n / 128}[mode]
+                  "int4": n / 2 + 4 * n / 128, "int4+vision-int8": n / 2 + 4 * n / 128}[mode]
     return total
 
 
@@ -419,6 +421,10 @@ def preset_report(preset: str, m: dict) -> tuple[str, list[tuple[str, bool | Non
                            "" if int8 is None else f"{int8['peak'] / GB:.2f} GB"))
             checks.append(("int4 peak RSS <= 6 GB", None if int4 is None else int4["peak"] <= 6 * GB,
                            "" if int4 is None else f"{int4['peak'] / GB:.2f} GB"))
+            int4v = summary.get(("ours", "int4+vision-int8"))
+            if int4v is not None:
+                checks.append(("int4+vision-int8 peak RSS <= 6 GB", int4v["peak"] <= 6 * GB,
+                               f"{int4v['peak'] / GB:.2f} GB"))
         if int8 is not None and best_token:
             ratio = best_token[1]["token"] / int8["token"]
             checks.append((f"int8 per token >= 2x transformers' best ({best_token[0]})", ratio >= 2, f"{ratio:.2f}x"))
@@ -434,6 +440,11 @@ def preset_report(preset: str, m: dict) -> tuple[str, list[tuple[str, bool | Non
             checks.append((f"int8 TTFT >= 1.5x transformers' best ({best_ttft[0]})", ratio >= 1.5, f"{ratio:.2f}x"))
         else:
             checks.append(("int8 TTFT >= 1.5x transformers' best", None, ""))
+        int8v = summary.get(("ours", "int8+vision-int8"))
+        if int8v is not None and best_ttft:
+            ratio = best_ttft[1]["ttft"] / int8v["ttft"]
+            checks.append((f"int8+vision-int8 TTFT >= 1.5x transformers' best ({best_ttft[0]})", ratio >= 1.5,
+                           f"{ratio:.2f}x"))
     for name, passed, value in checks:
         verdict = "not measured" if passed is None else ("PASS" if passed else "FAIL")
         lines.append(f"- {preset}: {name}: {verdict}" + (f" ({value})" if value else ""))
