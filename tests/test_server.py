@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -84,7 +85,8 @@ def direct(vlm, image: np.ndarray, instruction: str, **generation) -> tuple[str,
     eos = 2 if vlm.model.config.text_config.eos_token_id == 1 else vlm.model.config.text_config.eos_token_id
     end = row.index(eos) if eos in row else None
     ids = row if end is None else row[:end]
-    return vlm.processor.decode(ids, skip_special_tokens=True), len(row) if end is None else end + 1, (
+    text = vlm.processor.decode(ids, skip_special_tokens=True).lstrip()  # answers start at their first character
+    return text, len(row) if end is None else end + 1, (
         "length" if end is None else "stop")
 
 
@@ -147,7 +149,12 @@ def test_non_streaming_answers_like_generate_with_usage_and_ids(server, vlm, ima
     before = time.time()
     r = client.chat.completions.create(model=MODEL, messages=messages(url), max_tokens=7, temperature=0)
     text, tokens, finish = direct(vlm, images["astronaut"], "What is this?", max_new_tokens=7)
-    assert r.choices[0].message.content == text and text
+    assert r.choices[0].message.content == text and text and not text[0].isspace()
+    # as `ask` prints it: no leading space, whatever the decoder keeps before a first word
+    raw = vlm.processor.decode(vlm.model.generate(**vlm.processor(images=[images["astronaut"]], text=["What is this?"],
+                               return_tensors="pt"), max_new_tokens=7, num_beams=1, repetition_penalty=1.5)[0],
+                               skip_special_tokens=True)
+    assert raw.lstrip() == text
     assert r.choices[0].message.role == "assistant" and r.choices[0].index == 0
     assert r.choices[0].finish_reason == finish == "length"
     prompt = prompt_tokens(vlm, images["astronaut"], "What is this?")
@@ -175,6 +182,29 @@ def test_non_streaming_answers_like_generate_with_usage_and_ids(server, vlm, ima
     sampled = direct(vlm, images["astronaut"], "What is this?", max_new_tokens=8, do_sample=True, temperature=0.7,
                      top_p=0.9, top_k=0, generator=g)
     assert r.choices[0].message.content == sampled[0]
+
+
+def test_answers_start_like_ask_prints_them():
+    """The shipped model's tokenizer keeps the space before a first word when decoding; the server's answers, whole
+    and streamed, start at the first character, as `ask` and `stream` print them."""
+    from fastapi.testclient import TestClient
+
+    vlm = instructblip.load(device="cpu", dtype="float32")
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    question = "What color is the shape?"
+    tokens = vlm.model.generate(**vlm.processor(images=[image], text=[question], return_tensors="pt"), num_beams=1)
+    assert vlm.processor.decode(tokens[0], skip_special_tokens=True).startswith(" ")  # the case this is about
+    asked = vlm.ask(image, question, num_beams=1)
+    url = data_url(np.asarray(image))
+    with TestClient(create_app(vlm, ServerConfig(model_name=MODEL))) as client:
+        whole = client.post("/v1/chat/completions", json=body(url, question, temperature=0))
+        streamed = client.post("/v1/chat/completions", json=body(url, question, temperature=0,
+                                                                 stream=True))
+    assert whole.json()["choices"][0]["message"]["content"] == asked and not asked[0].isspace()
+    pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(p for p in pieces if p) == asked
+    assert "".join(vlm.stream(image, question, num_beams=1)) == asked
 
 
 def test_served_tokens_equal_generate_under_every_setting(server, vlm, images):

@@ -27,7 +27,9 @@ class Detokenizer:
 
     def add(self, token: int) -> None:
         self.ids.append(int(token))
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # an answer starts at its first visible character, as `ask` prints it (some decoders keep the space that
+        # marks a word start on the first token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
 
     def stop_at(self) -> int | None:
         """Where the earliest stop string starts in the text, or None."""
@@ -55,7 +57,7 @@ class Detokenizer:
 
 def incremental_text(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     """Text pieces for a stream of token ids, whose concatenation is `tokenizer.decode(all_ids,
-    skip_special_tokens=True)` (see `Detokenizer`)."""
+    skip_special_tokens=True)` without its leading whitespace (see `Detokenizer`)."""
     text = Detokenizer(tokenizer)
     for token in tokens:
         text.add(token)

@@ -374,7 +374,7 @@ class Scheduler:
             job.send([Completed(choices)])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).lstrip()  # as Detokenizer.text
 
 
 class _Row:
