@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from instructblip.accel import cpu_linear as ops
 from instructblip.accel.quantize import available as quantize_available
+from instructblip.files import write_text
 from instructblip.generation import VisionCache, image_features
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -132,11 +133,12 @@ def _sustained(gemm, flops: int, seconds: float) -> float:
     return flops * calls / elapsed / 1e9
 
 
-def read_bandwidth_gbs() -> float:
-    x = torch.ones(64 * 2**20)  # 256 MiB
+def read_bandwidth_gbs(mib: int = 256, reps: int = 10) -> float:
+    """GB/s that `sum` reads from `mib` MiB of float32 (far above the caches), best of `reps`."""
+    x = torch.ones(mib * 2**18)
     x.sum()
     best = float("inf")
-    for _ in range(10):
+    for _ in range(reps):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
@@ -476,10 +478,7 @@ def write_report(path: str, report: str, stamp: str) -> None:
         text = old[:at + 1] + section + old[at + 1:]
     else:
         text = (old.rstrip() + "\n\n" if old.strip() else RESULTS_INTRO + "\n") + section
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def main() -> None:

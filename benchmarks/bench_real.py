@@ -38,6 +38,9 @@ import sys
 import time
 
 import torch
+from bench import read_bandwidth_gbs  # this folder is on the path when a script in it runs
+
+from instructblip.files import write_text
 
 REAL_PRESETS = ("vicuna-7b", "flan-t5-xl")
 TINY_PRESETS = ("tiny-vicuna", "tiny-t5")
@@ -305,18 +308,6 @@ def mem_available() -> int:
     return 0
 
 
-def read_bandwidth() -> float:
-    """Bytes per second that `sum` reads from memory here: 2 GiB of float32, far above the caches, best of 5."""
-    x = torch.ones(2**29)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Runs
 
@@ -343,7 +334,7 @@ def per_token(r: dict) -> float:
 
 def measure_preset(preset: str, directory: str, modes: list[str], reps: int, timeout: float) -> dict:
     shapes = hf_shapes(make_config(preset))
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth_gbs(mib=2048, reps=5) * GB  # bytes per second
     print(f"{preset}: read bandwidth {bandwidth / GB:.1f} GB/s", flush=True)
     runs = [(impl, mode) for impl, mode in RUNS if mode in modes]
     results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
@@ -492,10 +483,7 @@ def write_report(path: str, report: str) -> None:
     else:
         at = old.find("\n## ")
         text = old[:at + 1] + section + old[at + 1:] if at >= 0 else old.rstrip() + "\n\n" + section
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def main() -> None:

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from instructblip.accel.quantize import MODES as QUANTIZE_MODES
-from instructblip.accel.quantize import VISION_MODES
+from instructblip.accel.quantize import layer_class
 from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
 from instructblip.generation.features import VisionCache, image_features
 from instructblip.modeling import InstructBlipForConditionalGeneration
@@ -170,11 +169,9 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
     On the CPU the memory the model needs is compared with what this process may use before anything is allocated
     (`weights.memory`): a model that cannot fit raises `ModelTooLargeError`, naming the GiB each way of loading
     needs and the flags of those that fit."""
-    if quantize not in (None, *QUANTIZE_MODES):
-        raise ValueError(f"unknown quantization {quantize!r}; use {' or '.join(QUANTIZE_MODES)} (CPU inference), or "
-                         "leave it out")
-    if quantize_vision not in (None, *VISION_MODES):
-        raise ValueError(f"unknown vision quantization {quantize_vision!r}; use int8 (CPU inference), or leave it out")
+    for mode, vision in ((quantize, False), (quantize_vision, True)):
+        if mode is not None:
+            layer_class(mode, vision)  # an unknown mode fails here, before the memory check reads its name
     path = default_model_dir() if model is None else model
     quantized = quantize or quantize_vision
     if quantized:

@@ -1,4 +1,4 @@
-"""Reading and writing the small JSON files of a checkpoint directory."""
+"""Reading and writing the small JSON and text files of a checkpoint directory, a report, a results file."""
 
 from __future__ import annotations
 
@@ -21,9 +21,13 @@ def read_json(path: str | os.PathLike, missing_ok: bool = False) -> dict:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write `data` under a temporary name and rename it into place: never a half-written file."""
+    """Write `data` as indented JSON, whole or not at all (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` under a temporary name and rename it into place: never a half-written file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)

@@ -51,9 +51,7 @@ class InstructBlipModel(InstructBlipNetwork):
         if quantize is not None:
             linear["language_model"] = q.layer_class(quantize)
         if quantize_vision is not None:
-            if quantize_vision not in q.VISION_MODES:
-                raise ValueError(f"unknown vision quantization {quantize_vision!r}; use int8, or none")
-            linear["vision_model"] = q.layer_class(quantize_vision)
+            linear["vision_model"] = q.layer_class(quantize_vision, vision=True)
         if linear:
             q.check_device(device, "quantizing")
             if dtype is None:

@@ -128,8 +128,11 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 (group {self.group})"
 
 
-def layer_class(mode: str) -> type[nn.Module]:
-    """The layer of a quantization mode, after checking it can run here."""
+def layer_class(mode: str, vision: bool = False) -> type[nn.Module]:
+    """The layer of a quantization mode (of the language model, or with `vision` of the vision encoder), after
+    checking the mode exists and can run here."""
+    if vision and mode not in VISION_MODES:
+        raise ValueError(f"unknown vision quantization {mode!r}; use {' or '.join(VISION_MODES)}, or none")
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; use {' or '.join(MODES)}, or none")
     if not available(mode):
@@ -164,13 +167,11 @@ def quantize(model: nn.Module, mode: str | None = "int8", vision: str | None = N
         return model  # quantizing twice the same way is once
     if model.quantized or model.quantized_vision:
         raise ValueError("this model is already quantized; load it again to quantize it another way")
-    if vision not in (None, *VISION_MODES):
-        raise ValueError(f"unknown vision quantization {vision!r}; use int8, or none")
     check_device(next(model.parameters()).device, "quantizing")
-    for part, how in ((model.language_model, mode), (model.vision_model, vision)):
+    for part, how, is_vision in ((model.language_model, mode, False), (model.vision_model, vision, True)):
         if how is None:
             continue
-        cls = layer_class(how)
+        cls = layer_class(how, is_vision)
         unpack(part)  # packed float32 weights (cpu_linear.Linear) back to plain matrices, which quantizing reads
         for name, module in [(n, m) for n, m in part.named_modules() if isinstance(m, nn.Linear)]:
             parent_name, _, child = name.rpartition(".")

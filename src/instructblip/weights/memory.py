@@ -5,6 +5,7 @@ than the allocator's failure twenty seconds in); the dtype "auto" picks on the C
 
 from __future__ import annotations
 
+import functools
 import resource
 
 import torch
@@ -17,7 +18,6 @@ GiB = 2**30
 HEADROOM = 0.10  # activations, the KV cache, the allocator's slack: on top of the weights
 MIN_HEADROOM = 256 * 2**20
 SMALL = GiB  # float32 weights below this: float32 even where bfloat16 is native (speed is not the weights' reads)
-MODES = ("float32", "bfloat16", "int8", "int4")
 FLAGS = {"float32": "--dtype float32", "bfloat16": "--dtype bfloat16", "int8": "--quantize int8",
          "int4": "--quantize int4"}  # per way of loading
 INT4_GROUP = 128  # inputs per int4 scale and offset (accel.quantize.GROUP)
@@ -27,6 +27,7 @@ class ModelTooLargeError(ValueError):
     """The model does not fit in the memory this process may use, in the way it was asked to load."""
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where bfloat16 runs faster than float32
     instead of being converted back and forth."""
@@ -106,7 +107,7 @@ def available_bytes() -> int | None:
 def check_fits(config: InstructBlipConfig, mode: str, available: int | None = None,
                rest: torch.dtype | None = None) -> None:
     """ModelTooLargeError, in one line naming the GiB each way of loading needs and the flags of those that fit,
-    unless `mode` (one of `MODES`) fits in `available` bytes (default: `available_bytes()`); `rest`: the dtype of
+    unless `mode` (a key of `FLAGS`) fits in `available` bytes (default: `available_bytes()`); `rest`: the dtype of
     a quantized model's unquantized parts."""
     available = available_bytes() if available is None else available
     if available is None:
