@@ -98,12 +98,16 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # Completed or Failed was emitted
     emitted_text: bool = False  # some streamed text went out (the job cannot be run again after a failure)
+    # time.monotonic() stamps the worker sets, for metrics and the request log
+    first_token_at: float | None = None  # the first generated token of any choice
+    finished_at: float | None = None  # Completed or Failed was emitted
 
     def send(self, events: list[Event]) -> None:
         if self.finished or not events:
             return
         if any(isinstance(e, (Completed, Failed)) for e in events):
             self.finished = True
+            self.finished_at = time.monotonic()
         if any(isinstance(e, TextDelta) for e in events):
             self.emitted_text = True
         try:
@@ -352,6 +356,9 @@ class Scheduler:
         config = replace(p, num_return_sequences=n, stop_strings=(), seed=seed, eos_token_id=self.eos)
         out = generate(self.model, image_features=features, input_ids=ids, attention_mask=mask,
                        generation_config=config)
+        now = time.monotonic()
+        for job in jobs:  # a beam search's tokens are final only once the search is done
+            job.first_token_at = job.first_token_at or now
         eos = set(self.eos)
         for b, job in enumerate(jobs):
             if job.cancelled.is_set() or job.finished:
@@ -397,6 +404,8 @@ class _Row:
         tokens it generated so far."""
         if self.done:
             return
+        if self.job.first_token_at is None:
+            self.job.first_token_at = time.monotonic()
         self._text = text
         self.count = count
         if token not in self.scheduler.eos:
