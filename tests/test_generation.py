@@ -709,6 +709,87 @@ def test_rows_with_their_own_settings_decode_as_they_would_alone(hf_checkpoints,
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoints, family):
+    """Continuous batching: runs over other prompts join a running batch between steps (`Decoding.admit`; the
+    last one prefilled a few positions at a time, as the server does while a batch runs); every row's tokens and
+    log-probabilities equal those of a run for it alone, and finished rows leave. In float64, so that a sampled
+    token cannot flip on float32 noise between batch sizes."""
+    from instructblip.generation.decode import penalty_prefix, prefill_chunks
+
+    ours = InstructBlipForConditionalGeneration.from_pretrained(hf_checkpoints[family][1], dtype=torch.float64)
+    inputs = make_inputs(family, lengths=(7, 3, 6))
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    configs = [GenerationConfig(max_new_tokens=14, repetition_penalty=1.7, no_repeat_ngram_size=2),
+               GenerationConfig(max_new_tokens=8, min_new_tokens=6, do_sample=True, temperature=1.5, top_k=20,
+                                seed=11, eos_token_id=[EOS[family], EXTRA_EOS[family], *range(3, 40)]),
+               GenerationConfig(max_new_tokens=9, do_sample=True, top_p=0.8, seed=4, num_return_sequences=2,
+                                repetition_penalty=1.3, penalty_scope="all")]
+    joins = {0: 0, 1: 3, 2: 5}  # item: the step of the running batch before which it joins
+
+    def one(b: int) -> dict:
+        return {k: v[b:b + 1] for k, v in inputs.items() if k != "pixel_values"} | {
+            "pixel_values": inputs["pixel_values"][b:b + 1]}
+
+    def start(b: int, chunk: int | None = None) -> Decoding:
+        prompt = prepare_prompt(ours, **one(b))
+        settings = [settle(configs[b], ours.config, prompt.attention_mask.shape[1], "cpu")]
+        prefix, ignore = penalty_prefix(ours, prompt, configs[b].penalty_scope)
+        copies = [configs[b].num_return_sequences]
+        prefilled = None
+        if chunk is not None:
+            chunks = list(prefill_chunks(ours.language_model, prompt, configs[b].max_new_tokens, copies, prefix,
+                                         ignore, chunk))
+            assert family == "t5" or chunks[:-1] == [None] * (len(chunks) - 1) and len(chunks) > 2
+            prefilled = chunks[-1]
+        return Decoding(ours, prompt, settings, copies, prefix, ignore, logprobs=[3], prefilled=prefilled)
+
+    with torch.inference_mode():
+        alone = {}
+        for b in range(3):
+            run, rows = start(b), {}
+            for _ in run:
+                for r in range(run.rows):
+                    if run.logprobs[r] is not None:
+                        rows.setdefault(r, []).append((int(run.history[r, -1]), run.logprobs[r]))
+            alone.update({(b, r): v for r, v in rows.items()})
+        run, owners, got, step = None, [], {}, 0
+        while True:
+            for b, at in joins.items():
+                if at == step:
+                    new = start(b, chunk=4 if b == 2 else None)
+                    owners += [(b, r) for r in range(new.rows)]
+                    if run is None:
+                        run = new
+                    else:
+                        run.admit(new)
+            if run is None or run.done() and max(joins.values()) <= step:
+                break
+            if not run.done():
+                tokens = next(run).tolist()
+                for r, owner in enumerate(owners):
+                    if run.logprobs[r] is not None:
+                        got.setdefault(owner, []).append((tokens[r], run.logprobs[r]))
+            step += 1
+            items_running = {owners[r][0] for r in range(run.rows) if run.reason[r] is None}
+            keep = [r for r in range(run.rows) if owners[r][0] in items_running]
+            if keep and len(keep) < run.rows:
+                run.keep(keep)
+                owners = [owners[r] for r in keep]
+    assert set(got) == set(alone) == {(0, 0), (1, 0), (2, 0), (2, 1)}
+    for owner, expected in alone.items():
+        assert [t for t, _ in got[owner]] == [t for t, _ in expected], owner
+        for (_, a), (_, b) in zip(got[owner], expected, strict=True):
+            assert a.top_ids == b.top_ids and math.isclose(a.logprob, b.logprob, rel_tol=1e-9, abs_tol=1e-9)
+    # the reported log-probabilities are the model's: log-softmax of a plain forward over prompt + tokens
+    tokens = torch.tensor([[t for t, _ in alone[(0, 0)]]])
+    with torch.no_grad():
+        logp = full_forward_logits(ours, one(0), tokens).log_softmax(-1)[0]
+    for t, (token, lp) in enumerate(alone[(0, 0)]):
+        assert math.isclose(lp.logprob, float(logp[t, token]), abs_tol=1e-9)
+        assert lp.top_ids == logp[t].topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stop_strings_end_rows_in_generate(pairs, family):
     """`stop_strings` with `tokenizer=` (transformers' names): a row ends with the token that completes a stop
     string, which stays in the output; other rows go on."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from instructblip.generation.beam import beam_search
@@ -129,7 +130,18 @@ def prefill(lm, prompt: Prompt, max_new_tokens: int, copies: Sequence[int], pref
             ) -> tuple[object, Tensor, Tensor, Tensor | None]:
     """Run the prompt once per item, then copy each item's row `copies[b]` times (beams, several sequences), its
     cache included: (decoder state, first logits (N, V), penalty prefix (N, P), ignore (N,) or None)."""
-    state, logits = lm.prefill(prompt.inputs_embeds, prompt.attention_mask, max_new_tokens)
+    *_, done = prefill_chunks(lm, prompt, max_new_tokens, copies, prefix, ignore, prompt.attention_mask.shape[1])
+    return done
+
+
+def prefill_chunks(lm, prompt: Prompt, max_new_tokens: int, copies: Sequence[int], prefix: Tensor,
+                   ignore: Tensor | None, chunk: int) -> Iterator[tuple | None]:
+    """`prefill`, `chunk` prompt positions per `next()` where the model can (decoder-only): None after each chunk
+    but the last, then what `prefill` returns."""
+    for done in lm.prefill_chunks(prompt.inputs_embeds, prompt.attention_mask, max_new_tokens, chunk):
+        if done is None:
+            yield None
+    state, logits = done
     B = logits.shape[0]
     if list(copies) != [1] * B:
         index = torch.repeat_interleave(torch.arange(B, device=logits.device),
@@ -137,11 +149,21 @@ def prefill(lm, prompt: Prompt, max_new_tokens: int, copies: Sequence[int], pref
         state.select(index)
         logits, prefix = logits.index_select(0, index), prefix.index_select(0, index)
         ignore = ignore.index_select(0, index) if ignore is not None else None
-    return state, logits, prefix, ignore
+    yield state, logits, prefix, ignore
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the token iterator
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's log-probability under the model (the log-softmax of its logits, before penalties,
+    temperature and filtering: what the model thinks, whatever the sampler did) and the `k` most likely tokens'."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 class Decoding:
@@ -157,14 +179,20 @@ class Decoding:
         tokenizer: needed for stop strings (`decode(ids, skip_special_tokens=True)`).
         detokenize: per prompt item, whether its rows keep their text up to date (`text[i]`, a `Detokenizer`, for
             streaming); rows with stop strings always do.
+        logprobs: per prompt item, None, or how many top tokens to report with each generated token's
+            log-probability (`logprobs[i]` after each step, a `TokenLogprobs`).
+        prefilled: what `prefill_chunks` gave for this prompt (the caller ran the prefill in chunks), else None.
 
-    Between steps a caller may `finish(i, reason)` a row (its client went away) and `keep(rows)` to drop finished
-    rows from the batch (the KV cache is compacted), so that they cost nothing more.
+    Between steps a caller may `finish(i, reason)` a row (its client went away), `keep(rows)` to drop finished
+    rows from the batch (the KV cache is compacted), so that they cost nothing more, and `admit(other)` to add the
+    rows of another run that has not taken its first step (continuous batching). Every row keeps its own step
+    count, so rows that joined late get the tokens they get alone.
     """
 
     def __init__(self, model, prompt: Prompt, settings: Sequence[Settings], copies: Sequence[int] | None = None,
                  prefix: Tensor | None = None, ignore: Tensor | None = None, tokenizer=None,
-                 detokenize: Sequence[bool] | None = None):
+                 detokenize: Sequence[bool] | None = None, logprobs: Sequence[int | None] | None = None,
+                 prefilled: tuple | None = None):
         B = prompt.attention_mask.shape[0]
         if len(settings) != B:
             raise ValueError(f"{len(settings)} settings for {B} prompts")
@@ -176,21 +204,28 @@ class Decoding:
             prefix, ignore = penalty_prefix(model, prompt, "generated")
         self.lm = model.language_model
         self.tokenizer = tokenizer
-        longest = max(s.max_new_tokens for s in settings)
-        self.state, logits, prefix, ignore = prefill(self.lm, prompt, longest, copies, prefix, ignore)
+        if prefilled is None:
+            longest = max(s.max_new_tokens for s in settings)
+            prefilled = prefill(self.lm, prompt, longest, copies, prefix, ignore)
+        self.state, logits, prefix, ignore = prefilled
         device = logits.device
         self.logits: Tensor | None = logits  # (N, V) for the next token; None once consumed
         self.vocab_size = logits.shape[-1]
-        self.settings = [s for s, c in zip(settings, copies, strict=True) for _ in range(c)]  # per row
+
+        def per_row(values: Sequence) -> list:
+            return [v for v, c in zip(values, copies, strict=True) for _ in range(c)]
+
+        self.settings = per_row(settings)
         self.history = prefix  # (N, P + t): the penalties' ids
         self.ignore = ignore
         N = len(self.settings)
-        self.t = 0  # steps taken
+        self.steps = [0] * N  # steps taken by each row (rows that joined a running batch started later)
         self.count = [0] * N  # tokens generated per row, eos included
         self.reason: list[str | None] = [None] * N  # "stop" (eos, a stop string) or "length" once finished
-        live = [x for x, c in zip(live, copies, strict=True) for _ in range(c)]
-        self.text = [Detokenizer(tokenizer, s.stop_strings) if x else None for s, x in zip(self.settings, live,
-                                                                                         strict=True)]
+        self.text = [Detokenizer(tokenizer, s.stop_strings) if x else None
+                     for s, x in zip(self.settings, per_row(live), strict=True)]
+        self.top_logprobs: list[int | None] = per_row(logprobs or [None] * B)
+        self.logprobs: list[TokenLogprobs | None] = [None] * N  # this step's, for rows that asked
         self._unfinished = torch.ones(N, dtype=torch.bool, device=device)
         self._regroup()
 
@@ -205,6 +240,7 @@ class Decoding:
                 start = i
         device = self._unfinished.device
         self._pad = torch.tensor([s.pad for s in self.settings], dtype=torch.long, device=device)
+        self._want_logprobs = [i for i, k in enumerate(self.top_logprobs) if k is not None]
 
     @property
     def rows(self) -> int:
@@ -220,26 +256,46 @@ class Decoding:
         """One step: the new token of every row (N,); StopIteration once every row has finished."""
         if self.done():
             raise StopIteration
-        logits = self.logits
-        if logits is None:
-            logits = self.lm.step(self.state, self.history[:, -1])
+        logits = self._next_logits()
         self.logits = None
         if len(self.spans) == 1:  # one group (a generate call): no slicing
             _, _, s, eos = self.spans[0]
-            scores = process(logits, self.history, self.ignore, self.t, s, 1, eos)
+            scores = process(logits, self.history, self.ignore, self.steps[0], s, 1, eos)
             tokens = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)
         else:
             tokens = torch.empty(self.rows, dtype=torch.long, device=logits.device)
             for start, end, s, eos in self.spans:
                 rows = slice(start, end)
                 ignore = self.ignore[rows] if self.ignore is not None else None
-                scores = process(logits[rows], self.history[rows], ignore, self.t, s, 1, eos)
+                scores = process(logits[rows], self.history[rows], ignore, self.steps[start], s, 1, eos)
                 tokens[rows] = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)
         tokens = torch.where(self._unfinished, tokens, self._pad)
+        if self._want_logprobs:
+            self._logprobs(logits, tokens)
         self.history = torch.cat([self.history, tokens[:, None]], 1)
-        self.t += 1
+        self.steps = [t + 1 for t in self.steps]
         self._finish_rows(tokens)
         return tokens
+
+    def _next_logits(self) -> Tensor:
+        """The logits for the next token (N, V): the prefill's, or one step of the model on the last tokens."""
+        if self.logits is None:
+            self.logits = self.lm.step(self.state, self.history[:, -1])
+        return self.logits
+
+    def _logprobs(self, logits: Tensor, tokens: Tensor) -> None:
+        rows = self._want_logprobs
+        index = torch.tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits.index_select(0, index).float(), -1)  # (R, V)
+        chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0].tolist()
+        k = max(self.top_logprobs[i] for i in rows)
+        top_values, top_ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        self.logprobs = [None] * self.rows
+        for j, i in enumerate(rows):
+            if self.reason[i] is None:
+                k_i = self.top_logprobs[i]
+                self.logprobs[i] = TokenLogprobs(chosen[j], top_ids[j][:k_i], top_values[j][:k_i])
 
     def _finish_rows(self, tokens: Tensor) -> None:
         """Mark the rows this step finished: eos, their length, a stop string."""
@@ -276,16 +332,52 @@ class Decoding:
             self.reason[row] = reason
             self._unfinished[row] = False
 
+    _PER_ROW = ("settings", "steps", "count", "reason", "text", "top_logprobs", "logprobs")
+
+    def room(self) -> int:
+        """Decoder positions the rows may still need: the most new tokens any row may still take."""
+        return max((s.max_new_tokens - t for s, t in zip(self.settings, self.steps, strict=True)), default=0) + 1
+
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these rows, in this order (drop finished ones): the KV cache and every per-row list follow."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.history.device)
         self.state.select(index)
+        if self.logits is not None:
+            self.logits = self.logits.index_select(0, index)
         self.history = self.history.index_select(0, index)
         self.ignore = self.ignore.index_select(0, index) if self.ignore is not None else None
         self._unfinished = self._unfinished.index_select(0, index)
-        for name in ("settings", "count", "reason", "text"):
+        for name in self._PER_ROW:
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in rows])
+        self._regroup()
+        if hasattr(self.state, "compact"):  # positions only the rows that left needed go
+            self.state.compact(self.room())
+
+    def admit(self, other: Decoding) -> None:
+        """Append the rows of `other`, a run over other prompts (its own prefill) that has not taken a step: from
+        the next step on they decode with these rows. The running rows take their pending model step first, on
+        their own, so that every row then has the logits of its next token."""
+        if other.logits is None:
+            raise ValueError("admit() takes a run before its first step")
+        if self.rows and not self.done():
+            mine = self._next_logits()
+        else:
+            mine = other.logits.new_zeros(self.rows, other.logits.shape[1])  # finished rows: never used
+        self.state.extend(other.state, max(self.room(), other.room()))
+        self.logits = torch.cat([mine, other.logits])
+        pad = self.vocab_size  # the penalties' spare column: a padding id that matches no token
+        width = max(self.history.shape[1], other.history.shape[1])
+        fronts = (width - self.history.shape[1], width - other.history.shape[1])
+        self.history = torch.cat([F.pad(h, (f, 0), value=pad)
+                                  for h, f in zip((self.history, other.history), fronts, strict=True)])
+        if self.ignore is not None or other.ignore is not None:  # leading prompt padding moves with the front
+            zeros = torch.zeros(self.history.shape[0], dtype=torch.long, device=self.history.device)
+            mine, theirs = (x.ignore if x.ignore is not None else zeros[: x.rows] for x in (self, other))
+            self.ignore = torch.cat([mine + fronts[0], theirs + fronts[1]])
+        self._unfinished = torch.cat([self._unfinished, other._unfinished])
+        for name in self._PER_ROW:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self._regroup()
 
 

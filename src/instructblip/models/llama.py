@@ -7,6 +7,8 @@ joins them).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +53,35 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def relayout(self, drop: int, capacity: int) -> None:
+        """New buffers of `capacity` positions holding the filled positions after the first `drop` (columns that
+        are padding in every row), so that a long-running batch neither runs out of room nor keeps dead columns."""
+        keep = self.length - drop
+        capacity = max(capacity, keep)
+        for cache in (self.keys, self.values):
+            for i, t in enumerate(cache):
+                out = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
+                out[:, :, :keep] = t[:, :, drop:self.length]
+                cache[i] = out
+        self.length, self.max_length = keep, capacity
+        self.rope = None
+
+    def join(self, other: KVCache, capacity: int) -> tuple[int, int]:
+        """Append the rows of `other`, the filled positions of both ending at one column: the shorter side gets
+        padding columns in front. Returns (padding columns in front of this cache's rows, of other's)."""
+        length = max(self.length, other.length)
+        front, other_front = length - self.length, length - other.length
+        capacity = max(capacity, length)
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+                out = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])  # (Na + Nb, H, C, hd)
+                out[: a.shape[0], :, front:length] = a[:, :, : self.length]
+                out[a.shape[0]:, :, other_front:length] = b[:, :, : other.length]
+                mine[i] = out
+        self.length, self.max_length = length, capacity
+        self.rope = None
+        return front, other_front
 
     def reorder(self, index: Tensor) -> None:
         """Row i becomes old row index[i] (beam search reorders; expanding for beams may change the batch size).
@@ -224,12 +255,23 @@ class Llama(nn.Module):
         """Run the prompt (B, L, D) once into a cache with room for `max_new_tokens` more; returns the state and the
         float32 logits for the first new token (B, V). Positions are `cumsum(mask) - 1` as in transformers'
         generate, so left padding gives the positions an unpadded prompt would have."""
+        *_, done = self.prefill_chunks(inputs_embeds, attention_mask, max_new_tokens, inputs_embeds.shape[1])
+        return done
+
+    def prefill_chunks(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int, chunk: int
+                       ) -> Iterator[tuple[LlamaDecodeState, Tensor] | None]:
+        """`prefill`, `chunk` prompt positions per `next()` (a server interleaves them with the decoding steps of
+        a running batch): None after each chunk but the last, then (state, logits)."""
         B, L, _ = inputs_embeds.shape
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
         cache = self.new_cache(B, L + max_new_tokens)
-        hidden = self(inputs_embeds, attention_mask, positions, cache)  # (B, L, D)
+        for start in range(0, L, max(1, chunk)):
+            end = min(L, start + max(1, chunk))
+            hidden = self(inputs_embeds[:, start:end], attention_mask[:, :end], positions[:, start:end], cache)
+            if end < L:
+                yield None
         state = LlamaDecodeState(cache, attention_mask, positions[:, -1], padded=not bool(attention_mask.all()))
-        return state, self.logits(hidden[:, -1]).float()
+        yield state, self.logits(hidden[:, -1]).float()
 
     def step(self, state: LlamaDecodeState, tokens: Tensor) -> Tensor:
         """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
@@ -270,6 +312,32 @@ class LlamaDecodeState:
         self.cache.reorder(index)
         self.positions = self.positions.index_select(0, index)
         self.attention_mask = self.attention_mask.index_select(0, index)
+
+    def _mask(self) -> Tensor:
+        """The mask over the filled positions (N, filled); without padding it is not kept up to date, so made."""
+        if self.padded:
+            return self.attention_mask
+        return self.attention_mask.new_ones(self.positions.shape[0], self.cache.length)
+
+    def extend(self, other: LlamaDecodeState, room: int) -> None:
+        """Append the rows of `other` (continuous batching: requests join a running batch). The rows keep their own
+        positions; the shorter side's filled positions get masked padding in front. `room`: positions needed after
+        the filled ones."""
+        a, b = self._mask(), other._mask()
+        front, other_front = self.cache.join(other.cache, max(self.cache.length, other.cache.length) + room)
+        self.attention_mask = torch.cat([F.pad(a, (front, 0)), F.pad(b, (other_front, 0))])  # (Na + Nb, filled)
+        self.positions = torch.cat([self.positions, other.positions])
+        self.padded = not bool(self.attention_mask.all())
+
+    def compact(self, room: int) -> None:
+        """Drop leading positions that are padding in every row (rows that left), and make room for `room` more."""
+        mask = self._mask()
+        used = mask.any(0)  # (filled,)
+        drop = int(used.int().argmax()) if bool(used.any()) else mask.shape[1]
+        if drop or self.cache.length + room > self.cache.max_length:
+            self.cache.relayout(drop, self.cache.length - drop + room)
+            self.attention_mask = mask[:, drop:]
+            self.padded = not bool(self.attention_mask.all())
 
     def reorder_beams(self, index: Tensor) -> None:
         """Beam search: row i continues old row index[i] of the same item, whose mask and position are the same."""

@@ -9,6 +9,7 @@ The encoder reads input embeddings (the composite model puts image features amon
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +247,7 @@ class T5Cache:
         0..p depends on p - key only, so one row made for the last position, (1, H, 1, L), holds every step's:
         its last p + 1 entries. No causal mask is needed: a step's query sees every filled position."""
         L, p = self.self_attention.max_length, self.self_attention.length
-        if self._distance_bias is None:
+        if self._distance_bias is None or self._distance_bias.shape[-1] != L:  # (made again after a relayout)
             device = self.self_attention.keys[0].device
             self._distance_bias = decoder.position_bias(1, L, L - 1, device).float()
         if self._cross_bias is None or self._cross_bias[0] is not encoder_mask:  # a new mask (expanded for beams)
@@ -336,9 +337,24 @@ class T5(nn.Module):
         hidden = self.decode(start, None, attention_mask, None, cache)  # (B, 1, D)
         return T5DecodeState(cache, attention_mask), self.logits(hidden[:, -1]).float()
 
+    def prefill_chunks(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int, chunk: int
+                       ) -> Iterator[tuple[T5DecodeState, Tensor]]:
+        """`prefill` as an iterator like LLaMA's; the encoder attends both ways, so the prompt is one chunk."""
+        yield self.prefill(inputs_embeds, attention_mask, max_new_tokens)
+
     def step(self, state: T5DecodeState, tokens: Tensor) -> Tensor:
         """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
-        hidden = self.decode(tokens[:, None], None, state.encoder_mask, None, state.cache)  # (N, 1, D)
+        if state.decoder_mask is None:
+            hidden = self.decode(tokens[:, None], None, state.encoder_mask, None, state.cache)  # (N, 1, D)
+            return self.logits(hidden[:, -1]).float()
+        # rows that joined a running batch: their decoder positions have padding in front (T5DecodeState.extend)
+        cache = state.cache
+        state.decoder_mask = torch.cat([state.decoder_mask, state.decoder_mask.new_ones(tokens.shape[0], 1)], 1)
+        bias, cross_bias = cache.step_biases(self.decoder, state.encoder_mask)
+        bias = bias + _padding_bias(state.decoder_mask, torch.float32)  # (N, H, 1, filled + 1)
+        x = F.dropout(self.shared(tokens[:, None]), self.config.dropout_rate, self.training)
+        hidden = self.decoder(x, memory_mask=state.encoder_mask, cross_kv=cache.cross_kv, cache=cache.self_attention,
+                              bias=bias, cross_bias=cross_bias)
         return self.logits(hidden[:, -1]).float()
 
     def prompt_memory(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
@@ -354,16 +370,56 @@ class T5(nn.Module):
 
 class T5DecodeState:
     """What a T5 decoding run carries between steps: the decoder's cache (self-attention keys/values and the
-    cross-attention ones) and the encoder's mask."""
+    cross-attention ones), the encoder's mask, and the decoder's mask once rows with different numbers of decoded
+    positions share the batch (None before)."""
 
     def __init__(self, cache: T5Cache, encoder_mask: Tensor):
         self.cache = cache
         self.encoder_mask = encoder_mask  # (N, L)
+        self.decoder_mask: Tensor | None = None  # (N, filled)
 
     def select(self, index: Tensor) -> None:
         """Row i becomes old row index[i]: copies for beams or returned sequences, or the rows still running."""
         self.cache.reorder(index, cross=True)
         self.encoder_mask = self.encoder_mask.index_select(0, index)
+        if self.decoder_mask is not None:
+            self.decoder_mask = self.decoder_mask.index_select(0, index)
+
+    def _decoder_mask(self) -> Tensor:
+        if self.decoder_mask is not None:
+            return self.decoder_mask
+        return self.encoder_mask.new_ones(self.encoder_mask.shape[0], self.cache.length)
+
+    def extend(self, other: T5DecodeState, room: int) -> None:
+        """Append the rows of `other` (continuous batching). Decoder positions: the shorter side gets masked padding
+        in front (relative position biases see the same distances); encoder positions: the shorter side's keys,
+        values and mask are padded at the end. `room`: decoder positions needed after the filled ones."""
+        a, b = self._decoder_mask(), other._decoder_mask()
+        cache, theirs = self.cache, other.cache
+        front, other_front = cache.self_attention.join(theirs.self_attention,
+                                                       max(cache.length, theirs.length) + room)
+        mask = torch.cat([F.pad(a, (front, 0)), F.pad(b, (other_front, 0))])  # (Na + Nb, filled)
+        self.decoder_mask = None if bool(mask.all()) else mask
+        L = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
+
+        def widen(t: Tensor) -> Tensor:  # (N, H, L_enc, d) -> (N, H, L, d)
+            return F.pad(t, (0, 0, 0, L - t.shape[2]))
+
+        cache.cross_kv = [(torch.cat([widen(ka), widen(kb)]), torch.cat([widen(va), widen(vb)]))
+                          for (ka, va), (kb, vb) in zip(cache.cross_kv, theirs.cross_kv, strict=True)]
+        self.encoder_mask = torch.cat([F.pad(self.encoder_mask, (0, L - self.encoder_mask.shape[1])),
+                                       F.pad(other.encoder_mask, (0, L - other.encoder_mask.shape[1]))])
+
+    def compact(self, room: int) -> None:
+        """Drop leading decoder positions that are padding in every row, and make room for `room` more."""
+        own = self.cache.self_attention
+        mask = self._decoder_mask()
+        used = mask.any(0)
+        drop = int(used.int().argmax()) if bool(used.any()) else mask.shape[1]
+        if drop or own.length + room > own.max_length:
+            own.relayout(drop, own.length - drop + room)
+            mask = mask[:, drop:]
+            self.decoder_mask = None if bool(mask.all()) else mask
 
     def reorder_beams(self, index: Tensor) -> None:
         """Beam search: row i continues old row index[i] of the same item; the cross-attention keys/values and the
