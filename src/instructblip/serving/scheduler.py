@@ -1,25 +1,28 @@
-"""The batching worker behind `instructblip serve`: one thread owns the model, requests wait in a bounded queue and
-run in batches.
+"""The continuous-batching worker behind `instructblip serve`: one thread owns the model; requests wait in a bounded
+queue and join the running batch between decoding steps.
 
-One round of the worker:
-1. gather: wait for a request, then up to `batch_wait` seconds for more, at most `max_batch_size` requests;
-   requests whose client went away or whose deadline passed while they waited are dropped.
-2. encode every image of the round at once (vision encoder + Q-Former; the vision cache, keyed by pixel
-   content, skips images it has seen recently).
-3. decode:
-   - greedy and sampled requests run together on `generation.Decoding`, the token iterator `generate` runs on:
-     every row has its own settings (a `GenerationConfig`: lengths, sampling, penalties, seed, stop strings) and
-     stops on its own (eos, max_tokens, a stop string, its client gone, its deadline); a finished request's rows
-     leave the batch (the KV cache is compacted), so a long answer does not make the short ones wait. Sampling with
-     `n` > 1 gives n rows; greedy `n` > 1 decodes one row and returns n copies.
-   - beam-search requests go through `generation.generate`, one call per group of identical settings (beam search
-     keeps a single length limit per call), after the sampled ones. Stop strings cut the finished text; a client that
-     goes away is noticed between groups, not inside a search.
+One iteration of the worker:
+1. admit: while fewer than `max_batch_size` requests run, waiting requests are taken (requests whose client went
+   away or whose deadline passed are dropped). Greedy and sampled ones form one admission group: their images are
+   encoded at once (vision encoder + Q-Former; the vision cache, keyed by pixel content, skips images seen recently)
+   and their prompts prefilled, `prefill_chunk` positions per iteration when long, so that the running rows wait
+   at most one chunk per step. Beam-search requests start a search of their own in the beam lane (one search per
+   group of identical settings: beam search keeps one length limit per call).
+2. decode: one step of the running batch, `generation.Decoding`, the token iterator `generate` runs on. Every row
+   has its own settings (a `GenerationConfig`: lengths, sampling, penalties, seed, stop strings) and step count,
+   and stops on its own (eos, max_tokens, a stop string, its client gone, its deadline). A request whose rows are
+   all done leaves the batch at once (the KV cache is compacted); an admission group whose prefill is done joins it
+   (`Decoding.admit`). Sampling with `n` > 1 gives n rows; greedy `n` > 1 decodes one row and returns n copies.
+3. one step of every beam search in the lane, so that a long search does not hold up the sampled and greedy rows
+   (nor they it).
 4. results go back through each request's `emit` callback (called from this thread) as lists of events:
    `TextDelta` / `ChoiceEnd` while streaming, then `Completed`, or `Failed`.
 
 Since the loop and the logits processing are `generation`'s, a request decoded here gives the tokens
-`generation.generate` gives for it alone.
+`generation.generate` gives for it alone, whenever it joins.
+
+Memory is bounded by `max_batch_size` requests (times their rows: `n`, beams) and the queue by `max_queue`; a step
+runs at most `max_step_tokens` positions (the running rows plus a prefill chunk).
 """
 
 from __future__ import annotations
@@ -29,14 +32,23 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from instructblip.generation.config import GenerationConfig, default_eos_ids, settle
-from instructblip.generation.decode import Decoding, generate, prepare_prompt
+from instructblip.generation.beam import BeamSearch
+from instructblip.generation.config import GenerationConfig, Settings, default_eos_ids, settle
+from instructblip.generation.decode import (
+    Decoding,
+    Prompt,
+    TokenLogprobs,
+    penalty_prefix,
+    prefill,
+    prefill_chunks,
+    prepare_prompt,
+)
 from instructblip.generation.detokenize import first_stop
 from instructblip.generation.features import VisionCache, image_features
 
@@ -51,6 +63,7 @@ log = logging.getLogger("instructblip.serving.app")
 class TextDelta:
     index: int  # choice index
     text: str
+    logprobs: list[tuple[int, TokenLogprobs]] | None = None  # (token id, its log-probabilities) since the last delta
 
 
 @dataclass
@@ -65,6 +78,7 @@ class Choice:
     text: str
     finish_reason: str
     tokens: int  # tokens the model produced for this choice (eos included, the tokens of a stop string too)
+    logprobs: list[tuple[int, TokenLogprobs]] | None = None  # per generated token (eos excluded), when asked for
 
 
 @dataclass
@@ -93,6 +107,7 @@ class Job:
     params: GenerationConfig  # validated; lengths in new tokens
     emit: Callable[[list[Event]], None]
     n: int = 1  # choices: sampled rows, the n best beams, or copies of one greedy row
+    logprobs: int | None = None  # None, or how many most likely tokens to report with each token's log-probability
     stream: bool = False
     deadline: float = float("inf")  # time.monotonic() after which the request has timed out
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -134,23 +149,51 @@ class ShuttingDown(Exception):
 # the worker
 
 
+@dataclass
+class _Admission:
+    """Greedy and sampled requests on their way into the running batch: their prompt, prefilled a chunk at a time."""
+
+    jobs: list[Job]
+    rows: list[_Row]
+    prompt: Prompt
+    settings: list[Settings]
+    copies: list[int]
+    prefix: Tensor
+    prefill: Iterator  # generation.decode.prefill_chunks
+
+
+@dataclass
+class _BeamGroup:
+    """Beam-search requests with identical settings, searched together in the beam lane."""
+
+    jobs: list[Job]
+    search: BeamSearch
+
+
 class Scheduler:
-    """Runs `Job`s on `model` in one worker thread, in batches. `start()` it, `submit()` jobs, `stop()` it.
+    """Runs `Job`s on `model` in one worker thread, with continuous batching. `start()` it, `submit()` jobs, `stop()`
+    it.
 
     Args:
         model: an `InstructBlipForConditionalGeneration` in eval mode.
         processor: the `InstructBlipProcessor` whose tokenizers built the jobs' ids (pad ids and sides, decoding).
-        max_batch_size: most requests run together.
+        max_batch_size: most requests running at once (decoding, prefilling or in the beam lane).
         max_queue: most requests waiting; `submit` raises `QueueFull` beyond.
-        batch_wait: seconds to wait for more requests once one has arrived (0: take what is there).
-        on_batch: called with the number of requests of every batch run (metrics).
+        batch_wait: seconds an idle worker waits for more requests once one has arrived, so that a burst starts as
+            one group (0: take what is there); a busy worker admits between steps without waiting.
+        on_batch: called with the number of requests of every admission group (metrics).
         vision_cache: vision-encoder outputs kept across requests (`generation.features.VisionCache`), or None.
+        max_step_tokens: most positions one step runs: the running rows plus a prefill chunk.
+        prefill_chunk: most prompt positions prefilled per step for a group joining a running batch (decoder-only
+            models; T5's encoder reads its prompt whole).
     """
 
     def __init__(self, model, processor, max_batch_size: int = 16, max_queue: int = 64, batch_wait: float = 0.005,
-                 on_batch: Callable[[int], None] | None = None, vision_cache: VisionCache | None = None):
-        if max_batch_size < 1 or max_queue < 1 or batch_wait < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait >= 0")
+                 on_batch: Callable[[int], None] | None = None, vision_cache: VisionCache | None = None,
+                 max_step_tokens: int = 1024, prefill_chunk: int = 256):
+        if max_batch_size < 1 or max_queue < 1 or batch_wait < 0 or max_step_tokens < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch_size, max_queue, max_step_tokens and prefill_chunk must be >= 1 and "
+                             "batch_wait >= 0")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -159,15 +202,22 @@ class Scheduler:
         self.batch_wait = batch_wait
         self.on_batch = on_batch
         self.vision_cache = vision_cache
+        self.max_step_tokens = max_step_tokens
+        self.prefill_chunk = prefill_chunk
         self.eos = default_eos_ids(model.config)
         text = model.config.text_config
         self.llm_pad = _pad_id(self.tokenizer, text.pad_token_id, self.eos)
         self.qformer_pad = _pad_id(processor.qformer_tokenizer, None, [0])
-        self.batches = 0
+        self.batches = 0  # admission groups started
+        self.steps = 0  # decoding steps of the running batch
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="instructblip-worker", daemon=True)
+        self._run: Decoding | None = None  # the running batch of greedy and sampled rows
+        self._rows: list[_Row] = []  # its rows, in its order
+        self._admission: _Admission | None = None
+        self._beams: list[_BeamGroup] = []
+        self._thread = threading.Thread(target=self._loop, name="instructblip-worker", daemon=True)
 
     # ---- the outside ----
 
@@ -200,34 +250,67 @@ class Scheduler:
         return len(self._queue)
 
     @property
+    def running(self) -> int:
+        """Requests the worker holds: decoding, prefilling or searching."""
+        return len(self._active_jobs())
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    def _active_jobs(self) -> list[Job]:
+        jobs = {id(row.job): row.job for row in list(self._rows)}
+        admission = self._admission
+        if admission is not None:
+            jobs.update((id(job), job) for job in admission.jobs)
+        for group in list(self._beams):
+            jobs.update((id(job), job) for job in group.jobs)
+        return list(jobs.values())
+
     # ---- the thread ----
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         with torch.inference_mode():
             while True:
-                jobs = self._gather()
-                if jobs is None:
-                    return
-                if jobs:
-                    self._run_batch(jobs)
+                newcomers = self._take()
+                if newcomers is None:
+                    break
+                self._admit(newcomers)
+                self._advance_admission()
+                self._decode_step()
+                self._beam_steps()
+        for job in self._active_jobs():
+            job.fail(503, "the server is shutting down", "shutting_down")
 
-    def _gather(self) -> list[Job] | None:
+    def _take(self) -> list[Job] | None:
+        """Waiting jobs to admit now (room permitting); blocks while there is nothing to do. None: stop."""
         with self._cond:
-            while not self._queue and not self._stopping:
+            idle = not self._rows and self._admission is None and not self._beams
+            while idle and not self._queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            until = time.monotonic() + self.batch_wait
-            while len(self._queue) < self.max_batch_size and not self._stopping:
-                left = until - time.monotonic()
-                if left <= 0:
+            if idle:
+                until = time.monotonic() + self.batch_wait
+                while len(self._queue) < self.max_batch_size and not self._stopping:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            room = self.max_batch_size - self.running
+            taken: list[Job] = []
+            tokens = len(self._rows)
+            while self._queue and len(taken) < room:
+                job = self._queue[0]
+                beam = job.params.beam
+                if not beam and self._admission is not None:
+                    break  # one admission group prefills at a time; this one waits for the next
+                if not beam and taken and tokens + len(job.input_ids) > self.max_step_tokens:
                     break
-                self._cond.wait(left)
-            jobs = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
-        return [job for job in jobs if self._still_wanted(job)]
+                self._queue.popleft()
+                taken.append(job)
+                tokens += 0 if beam else len(job.input_ids)
+        return [job for job in taken if self._still_wanted(job)]
 
     def _still_wanted(self, job: Job) -> bool:
         if job.cancelled.is_set() or job.finished:
@@ -237,59 +320,45 @@ class Scheduler:
             return False
         return True
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    # ---- admission ----
+
+    def _admit(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        sampled = [job for job in jobs if not job.params.beam]
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if job.params.beam:
+                groups.setdefault(_beam_group(job), []).append(job)
+        if sampled:
+            self._guarded(sampled, self._start_admission)
+        for members in groups.values():
+            self._guarded(members, self._start_beams)
+
+    def _guarded(self, jobs: list[Job], start: Callable[[list[Job], bool], None]) -> None:
+        """Start a group; if that fails, start its jobs one by one, so that a request that breaks the model fails
+        alone (500) and the others run."""
         self.batches += 1
         if self.on_batch is not None:
             self.on_batch(len(jobs))
         try:
-            self._execute(jobs)
+            start(jobs, True)
+            return
         except Exception:
-            log.exception("a batch of %d requests failed", len(jobs))
-            # isolate the request that breaks the batch: run the others again, one at a time
-            for job in jobs:
-                if job.finished:
-                    continue
-                if len(jobs) == 1 or job.emitted_text:
-                    job.fail(500, "the model failed on this request", "internal_error")
-                    continue
-                try:
-                    self._execute([job])
-                except Exception:
-                    log.exception("a request failed on its own")
-                    job.fail(500, "the model failed on this request", "internal_error")
-        for job in jobs:  # a job the worker dropped without a word (it should not happen): tell its client
-            if not job.finished and not job.cancelled.is_set():
-                job.fail(500, "the request ended without a result", "internal_error")
+            log.exception("starting a group of %d requests failed", len(jobs))
+        for job in jobs:
+            if len(jobs) == 1:
+                job.fail(500, "the model failed on this request", "internal_error")
+                continue
+            try:
+                start([job], False)
+            except Exception:
+                log.exception("a request failed on its own")
+                job.fail(500, "the model failed on this request", "internal_error")
 
-    def _execute(self, jobs: list[Job]) -> None:
+    def _start_admission(self, jobs: list[Job], chunked: bool) -> None:
+        """Encode the group's images and set up its prefill; `chunked` False: prefill it whole now and join."""
         features = self._encode(jobs)  # (B, Q, D)
-        sampled = [i for i, job in enumerate(jobs) if not job.params.beam]
-        if sampled:
-            self._decode([jobs[i] for i in sampled], features[sampled])
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            if job.params.beam:
-                groups.setdefault(_beam_group(job), []).append(i)
-        for members in groups.values():
-            live = [i for i in members if self._still_wanted(jobs[i])]
-            if live:
-                self._beam_search([jobs[i] for i in live], features[live])
-
-    # ---- steps ----
-
-    def _encode(self, jobs: list[Job]) -> Tensor:
-        model = self.model
-        pixels = torch.stack([job.pixel_values for job in jobs]).to(model.device, model.dtype)
-        side = self.processor.qformer_tokenizer.padding_side
-        ids, mask = pad([job.qformer_input_ids for job in jobs], self.qformer_pad, side, model.device)
-        return image_features(model, pixels, ids, mask, cache=self.vision_cache)
-
-    def _prompt(self, jobs: list[Job], features: Tensor):
-        ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
-        return prepare_prompt(self.model, image_features=features, input_ids=ids, attention_mask=mask)
-
-    def _decode(self, jobs: list[Job], features: Tensor) -> None:
-        """Greedy and sampled requests together on `generation.Decoding`; see the module docstring."""
         prompt = self._prompt(jobs, features)
         L, device = prompt.attention_mask.shape[1], features.device
         settings, copies, rows = [], [], []
@@ -302,22 +371,128 @@ class Scheduler:
             settings.append(settle(config, self.model.config, L, device))
             copies.append(n if p.do_sample else 1)
             rows += [_Row(self, job, [c]) for c in range(n)] if p.do_sample else [_Row(self, job, list(range(n)))]
+        prefix, ignore = penalty_prefix(self.model, prompt, "generated")
+        longest = max(s.max_new_tokens for s in settings)
+        chunk = L
+        if chunked and self._rows:  # a batch is running: bound the stall its rows see
+            budget = max(self.max_step_tokens - len(self._rows), len(jobs))
+            chunk = max(1, min(self.prefill_chunk, budget // len(jobs)))
+        prefill = prefill_chunks(self.model.language_model, prompt, longest, copies, prefix, ignore, chunk)
+        admission = _Admission(jobs, rows, prompt, settings, copies, prefix, prefill)
+        self._admission = admission
+        if not chunked:
+            try:
+                while self._admission is admission:
+                    self._prefill_step(admission)
+            finally:
+                if self._admission is admission:
+                    self._admission = None
+
+    def _advance_admission(self) -> None:
+        """One prefill chunk of the admission group; once its prefill is done, it joins the running batch."""
+        admission = self._admission
+        if admission is None:
+            return
+        try:
+            self._prefill_step(admission)
+        except Exception:
+            log.exception("prefilling a group of %d requests failed", len(admission.jobs))
+            self._admission = None
+            for job in admission.jobs:
+                if len(admission.jobs) == 1:
+                    job.fail(500, "the model failed on this request", "internal_error")
+                    continue
+                try:
+                    self._start_admission([job], False)
+                except Exception:
+                    log.exception("a request failed on its own")
+                    job.fail(500, "the model failed on this request", "internal_error")
+
+    def _prefill_step(self, admission: _Admission) -> None:
+        done = next(admission.prefill)
+        if done is None:
+            return
+        self._admission = None
+        jobs = admission.jobs
         live_text = [job.stream or bool(job.params.stop_strings) for job in jobs]
-        run = Decoding(self.model, prompt, settings, copies, tokenizer=self.tokenizer, detokenize=live_text)
-        rows_of = {id(job): [row for row in rows if row.job is job] for job in jobs}
-        for tokens in run:
-            for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                row.step(token, run.reason[i], run.text[i], run.count[i])
-            self._check_jobs(rows)
-            self._deliver(rows, rows_of)
-            # a job's rows leave the batch together, once all are done: its sampled rows share one generator, whose
-            # draws depend on how many rows it samples (so the answers stay those of the request alone)
-            keep = [i for i, row in enumerate(rows) if not all(r.done for r in rows_of[id(row.job)])]
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                run.keep(keep)
-                rows = [rows[i] for i in keep]
+        run = Decoding(self.model, admission.prompt, admission.settings, admission.copies, prefix=admission.prefix,
+                       tokenizer=self.tokenizer, detokenize=live_text, logprobs=[job.logprobs for job in jobs],
+                       prefilled=done)
+        if self._run is None:
+            self._run, self._rows = run, admission.rows
+            return
+        try:
+            self._run.admit(run)
+        except Exception:  # the running batch may be half joined: nothing in it can go on
+            self._fail_running()
+            raise
+        self._rows = self._rows + admission.rows
+
+    def _start_beams(self, jobs: list[Job], chunked: bool) -> None:
+        """Encode and prefill a group of beam-search requests (identical settings) and put its search in the lane."""
+        model = self.model
+        features = self._encode(jobs)
+        p, n = jobs[0].params, jobs[0].n  # the group shares every setting but the stop strings
+        seed = p.seed
+        if p.do_sample and seed is None:
+            seed = random.SystemRandom().getrandbits(63)
+        config = replace(p, num_return_sequences=n, stop_strings=(), seed=seed, eos_token_id=self.eos)
+        config.validate()
+        prompt = self._prompt(jobs, features)
+        s = settle(config, model.config, prompt.attention_mask.shape[1], features.device)
+        prefix, ignore = penalty_prefix(model, prompt, config.penalty_scope)
+        copies = [max(s.num_beams, s.num_return_sequences)] * len(jobs)
+        lm = model.language_model
+        search = BeamSearch(lm, *prefill(lm, prompt, s.max_new_tokens, copies, prefix, ignore), s)
+        self._beams.append(_BeamGroup(jobs, search))
+
+    # ---- steps ----
+
+    def _encode(self, jobs: list[Job]) -> Tensor:
+        model = self.model
+        pixels = torch.stack([job.pixel_values for job in jobs]).to(model.device, model.dtype)
+        side = self.processor.qformer_tokenizer.padding_side
+        ids, mask = pad([job.qformer_input_ids for job in jobs], self.qformer_pad, side, model.device)
+        return image_features(model, pixels, ids, mask, cache=self.vision_cache)
+
+    def _prompt(self, jobs: list[Job], features: Tensor) -> Prompt:
+        ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
+        return prepare_prompt(self.model, image_features=features, input_ids=ids, attention_mask=mask)
+
+    def _decode_step(self) -> None:
+        """One step of the running batch; requests whose rows are all done leave it."""
+        run = self._run
+        if run is None:
+            return
+        rows = self._rows
+        try:
+            tokens = next(run)
+        except Exception:
+            log.exception("a decoding step of %d rows failed", len(rows))
+            self._fail_running()
+            return
+        self.steps += 1
+        logprobs = run.logprobs if run.top_logprobs and any(k is not None for k in run.top_logprobs) else None
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            row.step(token, run.reason[i], run.text[i], run.count[i], logprobs[i] if logprobs else None)
+        self._check_jobs(rows)
+        rows_of: dict[int, list[_Row]] = {}
+        for row in rows:
+            rows_of.setdefault(id(row.job), []).append(row)
+        self._deliver(rows, rows_of)
+        # a job's rows leave the batch together, once all are done: its sampled rows share one generator, whose
+        # draws depend on how many rows it samples (so the answers stay those of the request alone)
+        keep = [i for i, row in enumerate(rows) if not all(r.done for r in rows_of[id(row.job)])]
+        if not keep:
+            self._run, self._rows = None, []
+        elif len(keep) < len(rows):
+            run.keep(keep)
+            self._rows = [rows[i] for i in keep]
+
+    def _fail_running(self) -> None:
+        for job in {id(row.job): row.job for row in self._rows}.values():
+            job.fail(500, "the model failed on this request", "internal_error")
+        self._run, self._rows = None, []
 
     def _check_jobs(self, rows: list[_Row]) -> None:
         """Stop the rows of jobs that were cancelled, timed out, or that a shutdown interrupts."""
@@ -343,24 +518,44 @@ class Scheduler:
         for job_id, (job, events) in by_job.items():
             mine = rows_of[job_id]
             if all(r.done for r in mine) and not job.finished and not job.cancelled.is_set():
-                choices = [Choice(i, r.text, r.finish_reason, r.count) for r in mine for i in r.indices]
+                choices = [Choice(i, r.text, r.finish_reason, r.count, r.logprobs if job.logprobs is not None
+                                  else None) for r in mine for i in r.indices]
                 events.append(Completed(sorted(choices, key=lambda c: c.index)))
             job.send(events)
 
-    def _beam_search(self, jobs: list[Job], features: Tensor) -> None:
-        p, n = jobs[0].params, jobs[0].n  # the group shares every setting but the stop strings
-        ids, mask = pad_prompts(jobs, self.llm_pad, self.tokenizer.padding_side, features.device)
-        seed = p.seed
-        if p.do_sample and seed is None:
-            seed = random.SystemRandom().getrandbits(63)
-        config = replace(p, num_return_sequences=n, stop_strings=(), seed=seed, eos_token_id=self.eos)
-        out = generate(self.model, image_features=features, input_ids=ids, attention_mask=mask,
-                       generation_config=config)
+    # ---- the beam lane ----
+
+    def _beam_steps(self) -> None:
+        """One step of every search in the lane; a finished search answers its requests."""
+        for group in list(self._beams):
+            for job in group.jobs:
+                if job.finished or job.cancelled.is_set():
+                    continue
+                if self._stopping:
+                    job.fail(503, "the server is shutting down", "shutting_down")
+                elif job.expired():
+                    job.fail(504, "the request timed out", "timeout")
+            if all(job.finished or job.cancelled.is_set() for job in group.jobs):
+                self._beams.remove(group)
+                continue
+            try:
+                done = group.search.step()
+            except Exception:
+                log.exception("a beam search of %d requests failed", len(group.jobs))
+                self._beams.remove(group)
+                for job in group.jobs:
+                    job.fail(500, "the model failed on this request", "internal_error")
+                continue
+            if done:
+                self._beams.remove(group)
+                self._answer_beams(group.jobs, group.search.result())
+
+    def _answer_beams(self, jobs: list[Job], out: Tensor) -> None:
+        n = jobs[0].n
         now = time.monotonic()
-        for job in jobs:  # a beam search's tokens are final only once the search is done
-            job.first_token_at = job.first_token_at or now
         eos = set(self.eos)
         for b, job in enumerate(jobs):
+            job.first_token_at = job.first_token_at or now  # a beam search's tokens are final only at its end
             if job.cancelled.is_set() or job.finished:
                 continue
             choices = []
@@ -397,11 +592,13 @@ class _Row:
         self.done = False
         self.finish_reason = "stop"
         self.pending: list[Event] = []  # events of this step, collected by `Scheduler._deliver`
+        self.logprobs: list[tuple[int, TokenLogprobs]] = []
+        self._unsent = 0  # entries of `logprobs` not yet streamed
         self._text = None  # the run's `Detokenizer` of this row, when its text is kept up to date
 
-    def step(self, token: int, reason: str | None, text, count: int) -> None:
-        """This step's token, with the run's verdict on the row (None: still running), its detokenizer and the
-        tokens it generated so far."""
+    def step(self, token: int, reason: str | None, text, count: int, logprobs: TokenLogprobs | None = None) -> None:
+        """This step's token, with the run's verdict on the row (None: still running), its detokenizer, the
+        tokens it generated so far and the token's log-probabilities (when the job asked)."""
         if self.done:
             return
         if self.job.first_token_at is None:
@@ -410,6 +607,8 @@ class _Row:
         self.count = count
         if token not in self.scheduler.eos:
             self.ids.append(token)
+            if logprobs is not None:
+                self.logprobs.append((token, logprobs))
         if reason is not None:
             self._finish(reason)
         elif self.job.stream and text is not None:
@@ -423,12 +622,17 @@ class _Row:
         else:
             self.text = self.scheduler.decode(self.ids)
         if self.job.stream:
-            self._send(self._text.delta(final=True) if self._text is not None else self.text)
+            self._send(self._text.delta(final=True) if self._text is not None else self.text, final=True)
             self.pending += [ChoiceEnd(i, reason) for i in self.indices]
 
-    def _send(self, delta: str) -> None:
-        if delta:
-            self.pending += [TextDelta(i, delta) for i in self.indices]
+    def _send(self, delta: str, final: bool = False) -> None:
+        """Stream a piece of text, with the log-probabilities of the tokens since the last piece (at the end, the
+        rest of them even without text)."""
+        unsent = self.logprobs[self._unsent:]
+        if delta or (final and unsent):
+            self._unsent = len(self.logprobs)
+            logprobs = unsent if self.job.logprobs is not None else None
+            self.pending += [TextDelta(i, delta, logprobs) for i in self.indices]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
