@@ -562,8 +562,14 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds, arrival to last token")
     g.add_argument("--max-connections", type=int, default=256, help="open connections before uvicorn answers 503")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
+    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="requests decoding at once; waiting ones join between steps")
+    g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000,
+                   help="an idle server waits this long for more requests once one has arrived")
+    g.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
+                   help="positions one step runs: running rows plus a prefill chunk")
+    g.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt positions prefilled per step while others decode")
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")
     g.add_argument("--vision-cache-size", type=int, default=64, help="images whose vision features are kept")
     g = p.add_argument_group("defaults")
@@ -581,7 +587,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens", "max_tokens_limit", "num_beams",
-                 "max_image_pixels"):
+                 "max_image_pixels", "max_step_tokens", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_tokens > args.max_tokens_limit:
@@ -594,7 +600,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
     return ServerConfig(
         model_name=name, api_key=args.api_key or os.environ.get("INSTRUCTBLIP_API_KEY") or None,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=args.max_batch_size, max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk,
         batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,

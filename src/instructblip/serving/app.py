@@ -54,17 +54,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructblip.generation.config import GenerationConfig
 from instructblip.processing.image import load_image
+from instructblip.serving.logprobs import chat_logprobs, text_logprobs
 from instructblip.serving.media import ImageError, read_image_bytes
 from instructblip.serving.metrics import Metrics, MetricsMiddleware
 from instructblip.serving.protocol import (
     APIError,
     ChatPlan,
     ChatRequest,
+    CompletionRequest,
     ServerConfig,
     bad_request,
     generation_config,
     parse_request,
     plan_chat,
+    plan_completion,
 )
 from instructblip.serving.scheduler import (
     ChoiceEnd,
@@ -111,6 +114,7 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     app.get("/v1/models/{name:path}")(server.model_info)
     app.get("/metrics")(server.metrics_page)
     app.post("/v1/chat/completions")(server.chat_completions)
+    app.post("/v1/completions")(server.completions)
     return app
 
 
@@ -153,7 +157,8 @@ class _Server:
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, processor, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                    batch_wait=config.batch_wait, on_batch=self.metrics.observe_batch,
-                                   vision_cache=getattr(vlm, "vision_cache", None))
+                                   vision_cache=getattr(vlm, "vision_cache", None),
+                                   max_step_tokens=config.max_step_tokens, prefill_chunk=config.prefill_chunk)
         text_config = model.config.text_config
         self.context = None if text_config.is_encoder_decoder else text_config.max_position_embeddings
         self.qformer_limit = model.config.qformer_config.max_position_embeddings
@@ -221,37 +226,46 @@ class _Server:
     # ---- chat completions ----
 
     async def chat_completions(self, request: Request):
+        return await self.answer(request, "chat")
+
+    async def completions(self, request: Request):
+        return await self.answer(request, "text")
+
+    async def answer(self, request: Request, kind: str):
+        """A chat completion (`kind` "chat") or a text completion ("text"): read, check, queue, answer."""
         arrived = time.monotonic()
         self.authorize(request)
-        req, plan = await self.read_chat(request)
+        req, plan = await self.read_request(request, kind)
         pixels, qformer_ids, input_ids = await self.model_inputs(plan)
         prompt_tokens = len(input_ids) + self.prepended
         params, n = generation_config(req, self.config, prompt_tokens, self.context)
         deadline = arrived + self.config.request_timeout
         job, events = self.submit(plan, params, n, pixels, qformer_ids, input_ids, deadline)
-        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        reply = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}
         if plan.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self.stream(job, events, reply, plan, prompt_tokens),
                                      media_type="text/event-stream", headers=headers)
-        return await self.complete(request, job, events, reply, prompt_tokens)
+        return await self.complete(request, job, events, reply, plan, prompt_tokens)
 
-    async def read_chat(self, request: Request) -> tuple[ChatRequest, ChatPlan]:
+    async def read_request(self, request: Request, kind: str) -> tuple[ChatRequest | CompletionRequest, ChatPlan]:
         """The request read and checked as far as it can be without its image."""
         raw = await self.read_body(request)
+        schema = ChatRequest if kind == "chat" else CompletionRequest
         # a large body (a big data URL) is parsed off the event loop
         if len(raw) < 65536:
-            req = parse_request(raw)
+            req = parse_request(raw, schema)
         else:
-            req = await asyncio.get_running_loop().run_in_executor(self.decode_pool, parse_request, raw)
+            req = await asyncio.get_running_loop().run_in_executor(self.decode_pool, parse_request, raw, schema)
         if req.model != self.config.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", param="model", code="model_not_found")
-        plan = plan_chat(req, self.config)
+        plan = plan_chat(req, self.config) if kind == "chat" else plan_completion(req)
         generation_config(req, self.config, 0, None)  # settings errors before any image work; the context comes later
         if max(len(plan.prompt), len(plan.instruction)) > 32 * self.config.max_prompt_tokens:
             raise bad_request(f"the prompt is longer than this server's limit of {self.config.max_prompt_tokens} "
-                              "tokens", param="messages", code="prompt_too_long")
+                              "tokens", param=_prompt_param(plan), code="prompt_too_long")
         return req, plan
 
     async def read_body(self, request: Request) -> bytes:
@@ -285,10 +299,10 @@ class _Server:
         text_tokens = len(input_ids) - self.image_tokens
         if text_tokens > self.config.max_prompt_tokens:
             raise bad_request(f"the prompt is {text_tokens} tokens long; this server's limit is "
-                              f"{self.config.max_prompt_tokens}", param="messages", code="prompt_too_long")
+                              f"{self.config.max_prompt_tokens}", param=_prompt_param(plan), code="prompt_too_long")
         if len(qformer_ids) > self.qformer_limit:
             raise bad_request(f"the instruction is {len(qformer_ids)} Q-Former tokens long; at most "
-                              f"{self.qformer_limit} fit", param="messages", code="prompt_too_long")
+                              f"{self.qformer_limit} fit", param=_prompt_param(plan), code="prompt_too_long")
         return pixels, qformer_ids, input_ids
 
     def image_bytes(self, plan: ChatPlan) -> bytes:
@@ -325,7 +339,8 @@ class _Server:
             loop.call_soon_threadsafe(events.put_nowait, batch)
 
         job = Job(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=input_ids,
-                  image_tokens=self.image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline)
+                  image_tokens=self.image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline,
+                  logprobs=plan.logprobs)
         try:
             self.scheduler.submit(job)
         except QueueFull:
@@ -335,7 +350,7 @@ class _Server:
             raise APIError(503, "the server is shutting down", code="shutting_down") from None
         return job, events
 
-    async def complete(self, request: Request, job: Job, events: asyncio.Queue, reply: dict,
+    async def complete(self, request: Request, job: Job, events: asyncio.Queue, reply: dict, plan: ChatPlan,
                        prompt_tokens: int) -> Response:
         """The whole answer as one JSON response; a client that goes away cancels the job."""
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -345,7 +360,7 @@ class _Server:
                     if isinstance(event, Failed):
                         raise APIError(event.status, event.message, code=event.code)
                     if isinstance(event, Completed):
-                        return self.completion(event, reply, prompt_tokens)
+                        return self.completion(event, reply, plan, prompt_tokens)
         except _ClientGone:
             job.cancelled.set()
             return Response(status_code=499)
@@ -355,26 +370,51 @@ class _Server:
         finally:
             watcher.cancel()
 
-    def completion(self, done: Completed, reply: dict, prompt_tokens: int) -> JSONResponse:
+    def completion(self, done: Completed, reply: dict, plan: ChatPlan, prompt_tokens: int) -> JSONResponse:
         completion = sum(c.tokens for c in done.choices)
         self.metrics.add_tokens(prompt_tokens, completion)
+        usage = _usage(prompt_tokens, completion)
+        if plan.kind == "text":
+            choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                        "logprobs": self.logprobs(plan, c.logprobs)} for c in done.choices]
+            return JSONResponse({**reply, "object": "text_completion", "choices": choices, "usage": usage,
+                                 "system_fingerprint": None})
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "finish_reason": c.finish_reason, "logprobs": None} for c in done.choices]
-        return JSONResponse({**reply, "object": "chat.completion", "choices": choices,
-                             "usage": _usage(prompt_tokens, completion), "system_fingerprint": None})
+                    "finish_reason": c.finish_reason, "logprobs": self.logprobs(plan, c.logprobs)}
+                   for c in done.choices]
+        return JSONResponse({**reply, "object": "chat.completion", "choices": choices, "usage": usage,
+                             "system_fingerprint": None})
+
+    def logprobs(self, plan: ChatPlan, entries: list | None, offset: int = 0) -> dict | None:
+        if plan.logprobs is None or entries is None:
+            return None
+        if plan.kind == "text":
+            return text_logprobs(self.processor.tokenizer, entries, offset)
+        return chat_logprobs(self.processor.tokenizer, entries)
 
     async def stream(self, job: Job, events: asyncio.Queue, reply: dict, plan: ChatPlan, prompt_tokens: int):
-        """The answer as server-sent events: a role chunk per choice, text deltas, finish reasons, [DONE]."""
-        base = {**reply, "object": "chat.completion.chunk", "system_fingerprint": None}
+        """The answer as server-sent events: (chat) a role chunk per choice, then text deltas, finish reasons,
+        [DONE]."""
+        text = plan.kind == "text"
+        base = {**reply, "object": "text_completion" if text else "chat.completion.chunk", "system_fingerprint": None}
         usage = {"usage": None} if plan.include_usage else {}
+        offsets = [0] * plan.n  # text completions: where each choice's next piece starts
 
-        def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> str:
+            if text:
+                piece = delta.get("content", "")
+                choice = {"index": index, "text": piece, "finish_reason": finish,
+                          "logprobs": self.logprobs(plan, logprobs, offsets[index])}
+                offsets[index] += len(piece)
+            else:
+                choice = {"index": index, "delta": delta, "finish_reason": finish,
+                          "logprobs": self.logprobs(plan, logprobs)}
             return _event({**base, "choices": [choice], **usage})
 
         try:
-            for i in range(plan.n):
-                yield chunk(i, {"role": "assistant", "content": ""})
+            if not text:
+                for i in range(plan.n):
+                    yield chunk(i, {"role": "assistant", "content": ""})
             while True:
                 try:
                     batch = await _next_events(job, events, None)
@@ -384,7 +424,7 @@ class _Server:
                 finished = False
                 for event in batch:
                     if isinstance(event, TextDelta):
-                        yield chunk(event.index, {"content": event.text})
+                        yield chunk(event.index, {"content": event.text}, logprobs=event.logprobs)
                     elif isinstance(event, ChoiceEnd):
                         yield chunk(event.index, {}, event.finish_reason)
                     elif isinstance(event, Failed):
@@ -434,6 +474,10 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _prompt_param(plan: ChatPlan) -> str:
+    return "messages" if plan.kind == "chat" else "prompt"
 
 
 def _usage(prompt: int, completion: int) -> dict:

@@ -20,8 +20,13 @@ Decoding, per request:
   on the same token iterator as `generate`.
 - `max_tokens` / `max_completion_tokens` (default `--max-tokens`), `stop` (up to 4 strings; the text is cut before
   the first), `seed` (sampling), `n`, `stream`, `stream_options.include_usage`.
-- not supported (400 when asked for): logprobs, tools, non-text `response_format`, presence/frequency penalties,
-  logit_bias. Unknown fields are ignored.
+- `logprobs` / `top_logprobs` (up to 20): each generated token's log-probability under the model (the log-softmax
+  of its logits, before penalties, temperature and filtering) and the most likely alternatives; they make the
+  default search greedy (beam search has no per-token probabilities: `num_beams` > 1 with logprobs is a 400).
+- `POST /v1/completions` (`CompletionRequest`): OpenAI's text completions for a plain prompt, the language model's
+  input as given, with the image in an extra field `image`; `logprobs` there is the number of alternatives.
+- not supported (400 when asked for): tools, non-text `response_format`, presence/frequency penalties, logit_bias;
+  for completions also echo, suffix, best_of other than n. Unknown fields are ignored.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`APIError`); 500 and 504 carry
 `x-should-retry: false`, so that the OpenAI client does not run an expensive request again.
@@ -43,6 +48,7 @@ MAX_N = 8
 MAX_STOP = 4
 MAX_STOP_LENGTH = 256
 MAX_BEAMS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -52,9 +58,11 @@ class ServerConfig:
 
     model_name: str = "instructblip"  # the id clients send as `model` (and /v1/models lists)
     api_key: str | None = None
-    max_batch_size: int = 16
-    batch_wait: float = 0.005  # seconds the worker waits for more requests once one has arrived
+    max_batch_size: int = 16  # requests running at once (decoding, prefilling, searching beams)
+    batch_wait: float = 0.005  # seconds an idle worker waits for more requests once one has arrived
     max_queue: int = 64
+    max_step_tokens: int = 1024  # positions one step runs: the running rows plus a prefill chunk
+    prefill_chunk: int = 256  # prompt positions prefilled per step while a batch runs
     request_timeout: float = 300.0  # seconds from arrival to the last token
     max_body_bytes: int = 20 * 1024 * 1024
     body_timeout: float = 60.0  # seconds to receive the whole body
@@ -135,11 +143,11 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
-class ChatRequest(_Strict):
+class _Settings(_Strict):
+    """The decoding fields chat and text completions share."""
+
     model: str
-    messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=MAX_N)
@@ -149,12 +157,7 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
     user: str | None = None
     # InstructBLIP's own settings (`extra_body`)
     num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS)
@@ -165,7 +168,37 @@ class ChatRequest(_Strict):
     no_repeat_ngram_size: int | None = Field(None, ge=0)
 
 
-def parse_request(body: bytes) -> ChatRequest:
+class ChatRequest(_Settings):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+
+class CompletionRequest(_Settings):
+    """`POST /v1/completions`: a plain prompt (the language model's input, as given) about one image. The image is
+    an extra field, `image` (a URL as in chat: data:, http(s) or file://); `instruction` (extra, optional) is what
+    the Q-Former reads, by default the prompt."""
+
+    prompt: str | list[str]
+    image: str | ImageURL | None = None
+    instruction: str | None = None
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @property
+    def max_completion_tokens(self) -> None:  # (chat's other name for max_tokens)
+        return None
+
+
+def parse_request(body: bytes, schema: type[_Settings] = ChatRequest) -> _Settings:
+    """The body as a `schema` (ChatRequest or CompletionRequest), or a 400 naming the field."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -173,7 +206,7 @@ def parse_request(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
     try:
-        return ChatRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         param, message = _validation_message(e)
         raise bad_request(f"{param}: {message}" if param else message, param=param) from None
@@ -202,7 +235,7 @@ def _validation_message(error: ValidationError) -> tuple[str | None, str]:
 
 @dataclass
 class ChatPlan:
-    """A validated request, before its image is read."""
+    """A validated request (chat or text completion), before its image is read."""
 
     instruction: str  # what the Q-Former gets
     prompt: str  # what the language model gets
@@ -211,12 +244,16 @@ class ChatPlan:
     stream: bool
     include_usage: bool
     n: int
+    logprobs: int | None = None  # None, or how many most likely tokens to report with each token
+    kind: Literal["chat", "text"] = "chat"  # the response's shape: chat.completion or text_completion
 
 
 def plan_chat(req: ChatRequest, config: ServerConfig) -> ChatPlan:
     """Map the messages to (instruction, prompt, image) and check the settings that need no tokenizer."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     unsupported = {
-        "logprobs": bool(req.logprobs), "top_logprobs": bool(req.top_logprobs), "tools": bool(req.tools),
+        "tools": bool(req.tools),
         "functions": bool(req.functions), "logit_bias": bool(req.logit_bias),
         "presence_penalty": bool(req.presence_penalty), "frequency_penalty": bool(req.frequency_penalty),
         "response_format": req.response_format is not None and req.response_format.get("type", "text") != "text",
@@ -258,6 +295,35 @@ def plan_chat(req: ChatRequest, config: ServerConfig) -> ChatPlan:
         instruction=instruction, prompt=prompt, image_url=image if isinstance(image, str) else image.url,
         image_param=image_param, stream=stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage), n=req.n or 1,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+    )
+
+
+def plan_completion(req: CompletionRequest) -> ChatPlan:
+    """A text completion's (instruction, prompt, image), and the settings that need no tokenizer."""
+    unsupported = {
+        "echo": bool(req.echo), "suffix": bool(req.suffix), "logit_bias": bool(req.logit_bias),
+        "best_of": req.best_of is not None and req.best_of != (req.n or 1),
+        "presence_penalty": bool(req.presence_penalty), "frequency_penalty": bool(req.frequency_penalty),
+    }
+    for name, asked in unsupported.items():
+        if asked:
+            raise bad_request(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise bad_request(f"this server completes one prompt per request, got {len(prompts)}", param="prompt")
+    if req.image is None:
+        raise bad_request("this model needs exactly one image: add \"image\": \"data:image/...;base64,...\" (or an "
+                          "http(s) or file:// URL the server allows)", param="image", code="image_required")
+    prompt = prompts[0]
+    instruction = (req.instruction if req.instruction is not None else prompt).strip() or CAPTION_PROMPT
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
+    return ChatPlan(
+        instruction=instruction, prompt=prompt.strip() or instruction,
+        image_url=req.image if isinstance(req.image, str) else req.image.url, image_param="image",
+        stream=bool(req.stream), include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        n=req.n or 1, logprobs=req.logprobs, kind="text",
     )
 
 
@@ -269,10 +335,11 @@ def _text(message: Message) -> str:
     return "\n".join(p.text for p in message.content if isinstance(p, TextPart))
 
 
-def generation_config(req: ChatRequest, config: ServerConfig, prompt_positions: int, context: int | None
-                      ) -> tuple[GenerationConfig, int]:
+def generation_config(req: ChatRequest | CompletionRequest, config: ServerConfig, prompt_positions: int,
+                      context: int | None) -> tuple[GenerationConfig, int]:
     """The decoding settings of a request (see the module docstring), validated, and its number of choices `n`.
     `prompt_positions`: the language model's input length; `context`: its position limit (None for T5)."""
+    logprobs = req.logprobs is not None if isinstance(req, CompletionRequest) else bool(req.logprobs)
     explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = config.default_max_tokens if explicit is None else explicit
@@ -300,12 +367,14 @@ def generation_config(req: ChatRequest, config: ServerConfig, prompt_positions: 
         do_sample = req.top_p is not None
     if req.num_beams is not None:
         num_beams = req.num_beams
-    elif do_sample or req.temperature is not None or req.stream:
+    elif do_sample or req.temperature is not None or req.stream or logprobs:
         num_beams = 1
     else:
         num_beams = max(config.num_beams, n)
     if num_beams > 1 and req.stream:
         raise bad_request("streaming works with greedy decoding or sampling, not with num_beams > 1", param="num_beams")
+    if num_beams > 1 and logprobs:
+        raise bad_request("logprobs work with greedy decoding or sampling, not with num_beams > 1", param="num_beams")
     if num_beams > 1 and n > num_beams:
         raise bad_request(f"n={n} needs num_beams >= n with beam search, got num_beams={num_beams}", param="n")
     generation = GenerationConfig(

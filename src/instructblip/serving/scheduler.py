@@ -210,6 +210,7 @@ class Scheduler:
         self.qformer_pad = _pad_id(processor.qformer_tokenizer, None, [0])
         self.batches = 0  # admission groups started
         self.steps = 0  # decoding steps of the running batch
+        self.joins = 0  # admission groups that joined a running batch
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -427,6 +428,7 @@ class Scheduler:
             self._fail_running()
             raise
         self._rows = self._rows + admission.rows
+        self.joins += 1
 
     def _start_beams(self, jobs: list[Job], chunked: bool) -> None:
         """Encode and prefill a group of beam-search requests (identical settings) and put its search in the lane."""
