@@ -578,6 +578,9 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--history", choices=["last", "fold"], default=d.history,
                    help="last: only the last user message; fold: earlier turns go into the prompt")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-format", default=d.log_format, choices=["text", "json"],
+                   help="each request's log line (instructblip.serving.access): key=value text, or one JSON object "
+                   "per line with nothing around it")
     return p
 
 
@@ -607,7 +610,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit, num_beams=args.num_beams,
         repetition_penalty=args.repetition_penalty, history=args.history,
         allow_remote_images=args.allow_remote_images, allowed_local_media_path=args.allowed_local_media_path,
-        image_fetch_timeout=args.image_fetch_timeout,
+        image_fetch_timeout=args.image_fetch_timeout, log_format=args.log_format,
     )
 
 
@@ -641,7 +644,13 @@ def cmd_serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     config = serve_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    log = logging.getLogger("instructblip.serving.app")  # the server's log lines carry one name
+    log = logging.getLogger("instructblip.serving.app")  # the server's own lines; each request's: ...serving.access
+    if config.log_format == "json":  # the request lines bare, one JSON object per line, for a log shipper to parse
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("instructblip.serving.access")
+        access.addHandler(handler)
+        access.propagate = False
     for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
         log.warning(warning)
     vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size,
@@ -649,7 +658,8 @@ def cmd_serve(argv: list[str]) -> int:
     app = create_app(vlm, config)
     log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False)
+                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
+                access_log=False)  # the server writes its own line per request (serving/access.py), with more in it
     return 0
 
 

@@ -14,8 +14,20 @@ stream in).
 
 The parts: `protocol.py` (the request schema, and how a chat becomes an instruction, a prompt and decoding
 settings), `media.py` (where images may come from), `scheduler.py` (the batching worker that owns the model),
-`metrics.py` (/metrics). This file holds the routes, which tie them together.
+`metrics.py` (/metrics), `access.py` (request ids and the log line). This file holds the routes, which tie them
+together.
 
+- /metrics, with vLLM's names where vLLM has the metric (`metrics.py` lists them all):
+  `vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`,
+  `vllm:e2e_request_latency_seconds` (completed requests), `vllm:num_requests_running` / `_waiting`,
+  `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total{finished_reason}`,
+  `vllm:num_preemptions_total`, `vllm:mm_cache_hits_total` / `_queries_total` (the vision-feature cache), and
+  `instructblip_requests_rejected_total{reason}` (503s), `instructblip_requests_failed_total{code}`,
+  `instructblip_http_requests_total{path,status}`, `instructblip_batch_size`.
+- every response carries `X-Request-Id`: the client's if it sent a safe one (1-128 printable ASCII characters, no
+  spaces), else a new one; every request writes one line on the logger `instructblip.serving.access` when its
+  response has ended: `request_id method path status [prompt_tokens generation_tokens ttft_s finish_reason | error]
+  e2e_s`, as `key=value` text or one JSON object (`--log-format json`).
 - `usage.prompt_tokens` counts the language model's input, the query-token placeholders included (as vLLM);
   `completion_tokens` every token generated over all choices, eos included.
 - errors: 400 bad input, 401 missing or wrong API key, 404 unknown model or path, 413 body too large, 503 queue full
@@ -54,9 +66,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructblip.generation.config import GenerationConfig
 from instructblip.processing.image import load_image
+from instructblip.serving.access import AccessEntry, AccessMiddleware, line_format
 from instructblip.serving.logprobs import chat_logprobs, text_logprobs
 from instructblip.serving.media import ImageError, read_image_bytes
-from instructblip.serving.metrics import Metrics, MetricsMiddleware
+from instructblip.serving.metrics import CONTENT_TYPE, Metrics
 from instructblip.serving.protocol import (
     APIError,
     ChatPlan,
@@ -103,7 +116,7 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     server = _Server(vlm, replace(config or ServerConfig(), **options))
     app = FastAPI(title="instructblip", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.config = server.scheduler, server.metrics, server.config
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
+    app.add_middleware(AccessMiddleware, metrics=server.metrics, format_line=line_format(server.config.log_format))
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -123,6 +136,7 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
 
 
 async def _api_error(request: Request, exc: APIError):
+    request.state.access.error = exc.code
     return exc.response()
 
 
@@ -134,7 +148,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 async def _internal_error(request: Request, exc: Exception):
     log.exception("unhandled error on %s", request.url.path)
-    return APIError(500, "internal server error", code="internal_error").response()
+    # answered outside AccessMiddleware (Starlette's outermost layer), which cannot add the id here: add it
+    entry = getattr(request.state, "access", None)
+    headers = {"X-Request-Id": entry.request_id} if entry is not None else None
+    return APIError(500, "internal server error", code="internal_error", headers=headers).response()
 
 
 class _ClientGone(Exception):
@@ -154,11 +171,12 @@ class _Server:
         model, processor = vlm.model, vlm.processor
         self.config = config
         self.processor = processor
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.model_name)
         self.scheduler = Scheduler(model, processor, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                    batch_wait=config.batch_wait, on_batch=self.metrics.observe_batch,
                                    vision_cache=getattr(vlm, "vision_cache", None),
                                    max_step_tokens=config.max_step_tokens, prefill_chunk=config.prefill_chunk)
+        self.metrics.watch(self.scheduler)
         text_config = model.config.text_config
         self.context = None if text_config.is_encoder_decoder else text_config.max_position_embeddings
         self.qformer_limit = model.config.qformer_config.max_position_embeddings
@@ -220,8 +238,7 @@ class _Server:
 
     async def metrics_page(self, request: Request):
         self.authorize(request)
-        text = self.metrics.render(self.scheduler.queue_depth, self.scheduler.vision_cache)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     # ---- chat completions ----
 
@@ -245,7 +262,7 @@ class _Server:
         reply = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}
         if plan.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(self.stream(job, events, reply, plan, prompt_tokens),
+            return StreamingResponse(self.stream(job, events, reply, plan, prompt_tokens, request.state.access),
                                      media_type="text/event-stream", headers=headers)
         return await self.complete(request, job, events, reply, plan, prompt_tokens)
 
@@ -344,9 +361,11 @@ class _Server:
         try:
             self.scheduler.submit(job)
         except QueueFull:
+            self.metrics.observe_rejected("queue_full")
             raise APIError(503, "the server is busy (the request queue is full); retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         except ShuttingDown:
+            self.metrics.observe_rejected("shutting_down")
             raise APIError(503, "the server is shutting down", code="shutting_down") from None
         return job, events
 
@@ -354,9 +373,12 @@ class _Server:
                        prompt_tokens: int) -> Response:
         """The whole answer as one JSON response; a client that goes away cancels the job."""
         watcher = asyncio.ensure_future(_disconnected(request))
+        last = None
         try:
             while True:
                 for event in await _next_events(job, events, watcher):
+                    if isinstance(event, (Completed, Failed)):
+                        last = event
                     if isinstance(event, Failed):
                         raise APIError(event.status, event.message, code=event.code)
                     if isinstance(event, Completed):
@@ -369,10 +391,10 @@ class _Server:
             raise
         finally:
             watcher.cancel()
+            self.ended(request.state.access, job, last, prompt_tokens)
 
     def completion(self, done: Completed, reply: dict, plan: ChatPlan, prompt_tokens: int) -> JSONResponse:
         completion = sum(c.tokens for c in done.choices)
-        self.metrics.add_tokens(prompt_tokens, completion)
         usage = _usage(prompt_tokens, completion)
         if plan.kind == "text":
             choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
@@ -392,7 +414,8 @@ class _Server:
             return text_logprobs(self.processor.tokenizer, entries, offset)
         return chat_logprobs(self.processor.tokenizer, entries)
 
-    async def stream(self, job: Job, events: asyncio.Queue, reply: dict, plan: ChatPlan, prompt_tokens: int):
+    async def stream(self, job: Job, events: asyncio.Queue, reply: dict, plan: ChatPlan, prompt_tokens: int,
+                     entry: AccessEntry):
         """The answer as server-sent events: (chat) a role chunk per choice, then text deltas, finish reasons,
         [DONE]."""
         text = plan.kind == "text"
@@ -411,6 +434,7 @@ class _Server:
                           "logprobs": self.logprobs(plan, logprobs)}
             return _event({**base, "choices": [choice], **usage})
 
+        last = None
         try:
             if not text:
                 for i in range(plan.n):
@@ -428,11 +452,12 @@ class _Server:
                     elif isinstance(event, ChoiceEnd):
                         yield chunk(event.index, {}, event.finish_reason)
                     elif isinstance(event, Failed):
+                        last = event
                         yield _event(APIError(event.status, event.message, code=event.code).body())
                         finished = True
                     elif isinstance(event, Completed):
+                        last = event
                         completion = sum(c.tokens for c in event.choices)
-                        self.metrics.add_tokens(prompt_tokens, completion)
                         if plan.include_usage:
                             yield _event({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
                         finished = True
@@ -441,6 +466,21 @@ class _Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # the client went away (or the stream ended): stop the work
+            self.ended(entry, job, last, prompt_tokens)
+
+    def ended(self, entry: AccessEntry, job: Job, last: Completed | Failed | None, prompt_tokens: int) -> None:
+        """Count a chat completion that ended, once, and fill in its log line. `last`: its final event; None when it
+        ran past its deadline or its client went away (or the server stopped) before one came."""
+        entry.first_token_at = job.first_token_at
+        if isinstance(last, Completed):
+            self.metrics.observe_completed(entry.start, job.first_token_at, job.finished_at, prompt_tokens,
+                                           last.choices)
+            entry.prompt_tokens = prompt_tokens
+            entry.generation_tokens = sum(c.tokens for c in last.choices)
+            entry.finish_reason = ",".join(c.finish_reason for c in last.choices)
+            return
+        entry.error = last.code if last is not None else "timeout" if job.expired() else "abort"
+        self.metrics.observe_unanswered(entry.error)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class ServerConfig:
     allowed_local_media_path: str | None = None
     image_fetch_timeout: float = 5.0
     image_workers: int = 4  # images decoded at once
+    log_format: Literal["text", "json"] = "text"  # each request's log line: key=value text or a JSON object
 
 
 # ---------------------------------------------------------------------------------------------------------------------
