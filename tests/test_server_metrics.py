@@ -151,11 +151,11 @@ def test_metrics_count_a_known_sequence_of_requests(ckpt, url):
         done = scrape(base)
     hook.remove()
 
-    assert value(busy, "vllm:num_requests_waiting") == 1
+    assert value(busy, "vllm:num_requests_waiting") == value(busy, "vllm:num_requests_running") == 1
     completed = len(usages)
     assert completed == 6
     for name in ("vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds",
-                 "vllm:e2e_request_latency_seconds"):
+                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds"):
         assert value(done, f"{name}_count") == completed, name
         assert value(done, f"{name}_bucket", le="+Inf") == completed, name
         assert value(done, f"{name}_sum") > 0, name

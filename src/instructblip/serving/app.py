@@ -474,7 +474,7 @@ class _Server:
         entry.first_token_at = job.first_token_at
         if isinstance(last, Completed):
             self.metrics.observe_completed(entry.start, job.first_token_at, job.finished_at, prompt_tokens,
-                                           last.choices)
+                                           last.choices, (job.queued_at, job.admitted_at))
             entry.prompt_tokens = prompt_tokens
             entry.generation_tokens = sum(c.tokens for c in last.choices)
             entry.finish_reason = ",".join(c.finish_reason for c in last.choices)

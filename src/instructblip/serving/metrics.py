@@ -1,13 +1,14 @@
 """The server's Prometheus metrics (GET /metrics), on `prometheus_client`, named as vLLM names them where vLLM has the
 metric, so that dashboards made for vLLM read them; the `model_name` label is the served model's id, as vLLM's.
 
-Chat completions (observed when one ends; the latency histograms count completed requests only):
+Chat and text completions (observed when one ends; the latency histograms count completed requests only):
 - `vllm:time_to_first_token_seconds`: arrival to the first generated token.
 - `vllm:request_time_per_output_token_seconds`: (last token - first token) / (tokens - 1), one observation per request
   with more than one token (vLLM's per-request TPOT; its deprecated `vllm:time_per_output_token_seconds` is a
   per-token interval, which this server does not time). With n > 1 choices, tokens are the longest choice's. A beam
   search's tokens all arrive at its end: its TTFT is its whole search, its TPOT near 0.
 - `vllm:e2e_request_latency_seconds`: arrival to the last token.
+- `vllm:request_queue_time_seconds`: from entering the queue to the worker taking it (to join the running batch).
 - `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`: the `usage` of completed requests.
 - `vllm:request_success_total{finished_reason}`: `stop` or `length` (`length` when any choice ran out of tokens), and
   `abort` for a request whose client went away.
@@ -55,6 +56,8 @@ class Metrics:
         self.tpot = Histogram("vllm:request_time_per_output_token_seconds",
                               "Time per output token of a request, after its first, in seconds.", model,
                               buckets=TPOT_BUCKETS, registry=r).labels(model_name)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time requests spent waiting in the queue, in "
+                                    "seconds.", model, buckets=E2E_BUCKETS, registry=r).labels(model_name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", model,
                              buckets=E2E_BUCKETS, registry=r).labels(model_name)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of completed requests.", model,
@@ -95,10 +98,14 @@ class Metrics:
         self.rejected.labels(self.model_name, reason).inc()
 
     def observe_completed(self, arrived: float, first_token_at: float | None, finished_at: float | None,
-                          prompt_tokens: int, choices: Sequence) -> None:
-        """A completed chat completion: `arrived`, `first_token_at`, `finished_at` are time.monotonic() stamps (None
-        where the worker set none); `choices` the `Completed` event's (`.tokens`, `.finish_reason`)."""
+                          prompt_tokens: int, choices: Sequence,
+                          queued: tuple[float | None, float | None] = (None, None)) -> None:
+        """A completed request: `arrived`, `first_token_at`, `finished_at` are time.monotonic() stamps (None where
+        the worker set none); `choices` the `Completed` event's (`.tokens`, `.finish_reason`); `queued`: when it
+        entered the queue and when the worker took it."""
         finished_at = time.monotonic() if finished_at is None else finished_at
+        if None not in queued:
+            self.queue_time.observe(queued[1] - queued[0])
         if first_token_at is not None:
             self.ttft.observe(first_token_at - arrived)
             steps = max(c.tokens for c in choices)  # n rows decode side by side: the longest sets the pace

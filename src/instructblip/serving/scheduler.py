@@ -113,7 +113,9 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # Completed or Failed was emitted
     emitted_text: bool = False  # some streamed text went out (the job cannot be run again after a failure)
-    # time.monotonic() stamps the worker sets, for metrics and the request log
+    # time.monotonic() stamps the scheduler sets, for metrics and the request log
+    queued_at: float | None = None  # `submit` took it
+    admitted_at: float | None = None  # the worker took it from the queue
     first_token_at: float | None = None  # the first generated token of any choice
     finished_at: float | None = None  # Completed or Failed was emitted
 
@@ -211,12 +213,14 @@ class Scheduler:
         self.batches = 0  # admission groups started
         self.steps = 0  # decoding steps of the running batch
         self.joins = 0  # admission groups that joined a running batch
+        self.preemptions = 0  # requests put back to wait: none (a request keeps its rows until it ends)
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._run: Decoding | None = None  # the running batch of greedy and sampled rows
         self._rows: list[_Row] = []  # its rows, in its order
         self._admission: _Admission | None = None
+        self._starting: list[Job] = []  # taken from the queue, images being encoded
         self._beams: list[_BeamGroup] = []
         self._thread = threading.Thread(target=self._loop, name="instructblip-worker", daemon=True)
 
@@ -243,6 +247,7 @@ class Scheduler:
                 raise ShuttingDown()
             if len(self._queue) >= self.max_queue:
                 raise QueueFull()
+            job.queued_at = time.monotonic()
             self._queue.append(job)
             self._cond.notify()
 
@@ -260,7 +265,8 @@ class Scheduler:
         return self._thread.is_alive() and not self._stopping
 
     def _active_jobs(self) -> list[Job]:
-        jobs = {id(row.job): row.job for row in list(self._rows)}
+        jobs = {id(job): job for job in list(self._starting)}
+        jobs.update((id(row.job), row.job) for row in list(self._rows))
         admission = self._admission
         if admission is not None:
             jobs.update((id(job), job) for job in admission.jobs)
@@ -309,6 +315,7 @@ class Scheduler:
                 if not beam and taken and tokens + len(job.input_ids) > self.max_step_tokens:
                     break
                 self._queue.popleft()
+                job.admitted_at = time.monotonic()
                 taken.append(job)
                 tokens += 0 if beam else len(job.input_ids)
         return [job for job in taken if self._still_wanted(job)]
@@ -326,6 +333,13 @@ class Scheduler:
     def _admit(self, jobs: list[Job]) -> None:
         if not jobs:
             return
+        self._starting = jobs
+        try:
+            self._start(jobs)
+        finally:
+            self._starting = []
+
+    def _start(self, jobs: list[Job]) -> None:
         sampled = [job for job in jobs if not job.params.beam]
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
