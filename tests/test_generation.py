@@ -717,14 +717,19 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
     from instructblip.generation.decode import penalty_prefix, prefill_chunks
 
     ours = InstructBlipForConditionalGeneration.from_pretrained(hf_checkpoints[family][1], dtype=torch.float64)
-    inputs = make_inputs(family, lengths=(7, 3, 6))
+    inputs = make_inputs(family, lengths=(7, 3, 6, 5))
     inputs["pixel_values"] = inputs["pixel_values"].double()
-    configs = [GenerationConfig(max_new_tokens=14, repetition_penalty=1.7, no_repeat_ngram_size=2),
+    eos = [EOS[family], EXTRA_EOS[family]]
+    configs = [GenerationConfig(max_new_tokens=14, min_new_tokens=12, repetition_penalty=1.7, no_repeat_ngram_size=2,
+                                eos_token_id=eos),
                GenerationConfig(max_new_tokens=8, min_new_tokens=6, do_sample=True, temperature=1.5, top_k=20,
                                 seed=11, eos_token_id=[EOS[family], EXTRA_EOS[family], *range(3, 40)]),
                GenerationConfig(max_new_tokens=9, do_sample=True, top_p=0.8, seed=4, num_return_sequences=2,
-                                repetition_penalty=1.3, penalty_scope="all")]
-    joins = {0: 0, 1: 3, 2: 5}  # item: the step of the running batch before which it joins
+                                repetition_penalty=1.3, penalty_scope="all"),
+               # greedy like item 0 but for its penalty and minimum length: the two are processed as one group
+               GenerationConfig(max_new_tokens=11, min_new_tokens=8, repetition_penalty=1.2, no_repeat_ngram_size=2,
+                                eos_token_id=eos)]
+    joins = {0: 0, 1: 3, 2: 5, 3: 5}  # item: the step of the running batch before which it joins
 
     def one(b: int) -> dict:
         return {k: v[b:b + 1] for k, v in inputs.items() if k != "pixel_values"} | {
@@ -745,14 +750,14 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
 
     with torch.inference_mode():
         alone = {}
-        for b in range(3):
+        for b in range(4):
             run, rows = start(b), {}
             for _ in run:
                 for r in range(run.rows):
                     if run.logprobs[r] is not None:
                         rows.setdefault(r, []).append((int(run.history[r, -1]), run.logprobs[r]))
             alone.update({(b, r): v for r, v in rows.items()})
-        run, owners, got, step = None, [], {}, 0
+        run, owners, got, step, grouped = None, [], {}, 0, False
         while True:
             for b, at in joins.items():
                 if at == step:
@@ -765,6 +770,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
             if run is None or run.done() and max(joins.values()) <= step:
                 break
             if not run.done():
+                grouped |= bool(run._groups)
                 tokens = next(run).tolist()
                 for r, owner in enumerate(owners):
                     if run.logprobs[r] is not None:
@@ -775,7 +781,8 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
             if keep and len(keep) < run.rows:
                 run.keep(keep)
                 owners = [owners[r] for r in keep]
-    assert set(got) == set(alone) == {(0, 0), (1, 0), (2, 0), (2, 1)}
+    assert set(got) == set(alone) == {(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)}
+    assert grouped  # items 0 and 3 ran as one greedy group
     for owner, expected in alone.items():
         assert [t for t, _ in got[owner]] == [t for t, _ in expected], owner
         for (_, a), (_, b) in zip(got[owner], expected, strict=True):

@@ -25,6 +25,7 @@ tokens transformers gives.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from instructblip.generation.config import (
     settle,
 )
 from instructblip.generation.detokenize import Detokenizer, incremental_text
-from instructblip.generation.logits import in_vocabulary, process, sample
+from instructblip.generation.logits import apply_repetition_penalty, ban_repeated_ngrams, in_vocabulary, process, sample
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the prompt
@@ -241,6 +242,22 @@ class Decoding:
         device = self._unfinished.device
         self._pad = torch.tensor([s.pad for s in self.settings], dtype=torch.long, device=device)
         self._want_logprobs = [i for i, k in enumerate(self.top_logprobs) if k is not None]
+        # greedy spans that differ only in their repetition penalty and minimum length (a server's requests) run as
+        # one group: per-row values in tensors instead of a dozen small ops per span and step
+        self._groups: list[_GreedyGroup] = []
+        self._alone = list(self.spans)
+        if len(self.spans) > 1:
+            by_kind: dict[tuple, list] = {}
+            for span in self.spans:
+                s = span[2]
+                if not s.do_sample:
+                    by_kind.setdefault((s.no_repeat_ngram_size, tuple(s.eos.tolist())), []).append(span)
+            grouped = [spans for spans in by_kind.values() if len(spans) > 1]
+            self._groups = [_GreedyGroup.of(spans, device) for spans in grouped]
+            in_groups = {id(span) for spans in grouped for span in spans}
+            self._alone = [span for span in self.spans if id(span) not in in_groups]
+        eos_sets = {tuple(span[2].eos.tolist()) for span in self.spans}
+        self._eos = self.spans[0][2].eos if len(eos_sets) == 1 and self.spans else None  # every row's, if one
 
     @property
     def rows(self) -> int:
@@ -264,7 +281,15 @@ class Decoding:
             tokens = sample(scores, s.generator) if s.do_sample else scores.argmax(-1)
         else:
             tokens = torch.empty(self.rows, dtype=torch.long, device=logits.device)
-            for start, end, s, eos in self.spans:
+            for group in self._groups:
+                rows = group.rows
+                ignore = self.ignore.index_select(0, rows) if self.ignore is not None else None
+                steps = torch.tensor([self.steps[i] for i in group.first], device=logits.device)
+                steps = steps.repeat_interleave(group.sizes)  # (R,)
+                scores = group.process(logits.index_select(0, rows), self.history.index_select(0, rows), ignore,
+                                       steps)
+                tokens.index_copy_(0, rows, scores.argmax(-1))
+            for start, end, s, eos in self._alone:
                 rows = slice(start, end)
                 ignore = self.ignore[rows] if self.ignore is not None else None
                 scores = process(logits[rows], self.history[rows], ignore, self.steps[start], s, 1, eos)
@@ -299,8 +324,8 @@ class Decoding:
 
     def _finish_rows(self, tokens: Tensor) -> None:
         """Mark the rows this step finished: eos, their length, a stop string."""
-        if len(self.spans) == 1:
-            stopped = torch.isin(tokens, self.spans[0][2].eos)
+        if self._eos is not None:
+            stopped = torch.isin(tokens, self._eos)
         else:
             stopped = torch.cat([torch.isin(tokens[a:b], s.eos) for a, b, s, _ in self.spans])
         stopped = (stopped & self._unfinished).tolist()
@@ -379,6 +404,46 @@ class Decoding:
         for name in self._PER_ROW:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self._regroup()
+
+
+@dataclass
+class _GreedyGroup:
+    """Greedy spans of a `Decoding` with one no-repeat n-gram size and one eos set, processed together: the
+    repetition penalty and the minimum length per row. The same operations per row as `logits.process`, so the same
+    tokens."""
+
+    rows: Tensor  # (R,) the rows, span after span
+    first: list[int]  # each span's first row (its rows share a step count)
+    sizes: Tensor  # (spans,) rows per span
+    penalty: Tensor  # (R, 1)
+    min_new: Tensor  # (R,)
+    ngram: int
+    eos: Tensor  # the eos ids within the vocabulary
+
+    @classmethod
+    def of(cls, spans: list, device) -> _GreedyGroup:
+        rows = [i for start, end, _, _ in spans for i in range(start, end)]
+        sizes = [end - start for start, end, _, _ in spans]
+
+        def per_row(values: list) -> list:
+            return [v for v, n in zip(values, sizes, strict=True) for _ in range(n)]
+
+        settings = [span[2] for span in spans]
+        penalty = torch.tensor(per_row([s.repetition_penalty for s in settings]), device=device)  # (R,)
+        return cls(rows=torch.tensor(rows, device=device), first=[span[0] for span in spans],
+                   sizes=torch.tensor(sizes, device=device), penalty=penalty[:, None],
+                   min_new=torch.tensor(per_row([s.min_new_tokens for s in settings]), device=device),
+                   ngram=settings[0].no_repeat_ngram_size, eos=spans[0][3])
+
+    def process(self, scores: Tensor, history: Tensor, ignore: Tensor | None, steps: Tensor) -> Tensor:
+        scores = apply_repetition_penalty(scores, history, self.penalty, ignore)
+        scores = ban_repeated_ngrams(scores, history, self.ngram)
+        if self.eos.numel():
+            early = steps < self.min_new  # (R,) rows whose eos is still suppressed
+            if bool(early.any()):
+                columns = scores.index_select(1, self.eos)
+                scores = scores.index_copy(1, self.eos, columns.masked_fill(early[:, None], -math.inf))
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------

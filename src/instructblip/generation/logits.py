@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def apply_repetition_penalty(scores: Tensor, ids: Tensor, penalty: float, ignore: Tensor | None = None) -> Tensor:
+def apply_repetition_penalty(scores: Tensor, ids: Tensor, penalty: float | Tensor, ignore: Tensor | None = None
+                             ) -> Tensor:
     """CTRL-style penalty on every id in `ids` (N, S): negative scores are multiplied, positive ones divided.
 
-    `ignore` (N,): per row, the number of leading positions of `ids` not to count (left padding).
+    `penalty`: one for every row, or one per row (N, 1). `ignore` (N,): per row, the number of leading positions of
+    `ids` not to count (left padding).
     """
-    if penalty == 1.0 or ids.shape[1] == 0:
+    if (not isinstance(penalty, Tensor) and penalty == 1.0) or ids.shape[1] == 0:
         return scores
     V = scores.shape[-1]
     ids = ids.clamp(max=V)  # ids beyond the head's vocabulary go to a spare column
