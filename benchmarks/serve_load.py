@@ -1,17 +1,23 @@
-"""Load test of `instructblip serve`: throughput and latency at several concurrencies, batching server against a
-one-request-at-a-time server (`--max-batch-size 1`) on the same weights.
+"""Load test of `instructblip serve`: continuous batching (this tree) against the round scheduler it replaced (the
+same server at `--baseline-ref`, whose worker gathered a batch and decoded it to its last token before taking new
+requests), same weights, same machine, taking turns.
 
-    python benchmarks/serve_load.py [--model DIR] [--concurrency 1 4 16] [--requests-per-client 3]
-                                    [--max-tokens 32] [--dir /tmp/ib-serve-bench]
+    python benchmarks/serve_load.py [--models builtin random] [--clients 16 64] [--rate-per-client 0.5]
+                                    [--requests-per-client 4] [--repeats 2] [--write benchmarks/RESULTS.md]
 
-Without --model, a small random model is built (the "small" config of docs/performance.md: ViT 12L/384 on 224/14,
-Q-Former 4L/384, LLaMA 4L/512 with a 32k vocabulary, 32 query tokens; the tokenizer files come from tests/assets.py).
-Each server runs in its own process (`python -m instructblip serve`, vision cache off, so every request pays for its
-image); the clients are asyncio + httpx in this process. Every request has its own random image and asks for exactly
---max-tokens greedy tokens (min_tokens = max_tokens), so both servers do the same work per request.
-The two servers run side by side and take turns (each setting --repeats times, the fastest run reported), so that
-both see the same load on a shared machine. Reported per (server, concurrency): requests/s, generated tokens/s, p50
-and p99 latency, and the batching server's throughput over the baseline's.
+Load: open loop. Each of `--clients` clients sends requests at Poisson times (rate `--rate-per-client` each),
+whether or not its earlier ones are answered, so a slow server meets the same arrivals as a fast one. Every request
+has its own random image (the vision cache sees each once), one of four questions, and asks for exactly L greedy
+tokens (min_tokens = max_tokens = L), L log-uniform in `--lengths` (8 to 256); it streams, so that the client sees
+its first token. Measured per request from its scheduled arrival: time to first token (TTFT), time per output token
+after it (TPOT), end to end (e2e). Throughput: requests and tokens per second from the first arrival to the last
+answer. A lone request's TTFT (the continuous server, idle, the same kinds of requests one at a time) is the yardstick
+for TTFT under load.
+
+Models: `builtin` is the easy-vqa model shipped in the package (the default of `serve`); `random` a larger random
+model built here (ViT 12L/384 on 224/14, Q-Former 4L/384, LLaMA 4L/512 with a 32k vocabulary, 32 query tokens; the
+tokenizer files from tests/assets.py). Both servers run with their defaults but for `--max-queue 4096` (nothing is
+turned away) and a vision cache of 0.
 """
 
 from __future__ import annotations
@@ -20,16 +26,21 @@ import argparse
 import asyncio
 import base64
 import io
+import json
+import math
 import os
+import platform
+import random
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["What is in this image?", "Describe the picture.", "What colours do you see?",
              "Is there anything unusual here? Answer in detail."]
+BASELINE_REF = "38d24f6"  # the last commit with the round scheduler
 
 
 def build(directory: str) -> None:
@@ -67,19 +78,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch_size: int) -> tuple[subprocess.Popen, str]:
+def baseline_tree(ref: str, directory: str) -> str:
+    """The `src` of commit `ref`, extracted under `directory` (what PYTHONPATH points the baseline server at)."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", ref, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True)
+    return os.path.join(directory, "src")
+
+
+def start_server(model: str | None, source: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "instructblip", "serve", "--model", model, "--port", str(port),
-           "--served-model-name", "bench", "--max-batch-size", str(max_batch_size), "--vision-cache-size", "0",
-           "--max-queue", "256", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "instructblip", "serve", "--port", str(port), "--served-model-name", "bench",
+           "--vision-cache-size", "0", "--max-queue", "4096", "--max-tokens-limit", "1024", "--log-level", "warning"]
+    if model is not None:
+        cmd += ["--model", model]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": source}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
+            raise SystemExit(f"the server ({source}) exited with status {proc.returncode}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return proc, base
@@ -104,90 +124,170 @@ def images(n: int, seed: int) -> list[str]:
     return out
 
 
-async def load(base: str, concurrency: int, urls: list[str], max_tokens: int) -> tuple[list[float], float, int]:
-    """`concurrency` clients send the requests one after the other; returns latencies, wall time, tokens."""
+def workload(clients: int, per_client: int, rate: float, lengths: tuple[int, int], seed: int) -> list[dict]:
+    """The requests of one run: arrival time (s from the start), answer length, image, question."""
+    rng = random.Random(seed)
+    urls = images(clients * per_client, seed)
+    out = []
+    for _client in range(clients):
+        t = 0.0
+        for _ in range(per_client):
+            t += rng.expovariate(rate)
+            length = round(math.exp(rng.uniform(math.log(lengths[0]), math.log(lengths[1]))))
+            out.append({"at": t, "length": length, "url": urls[len(out)], "question": rng.choice(QUESTIONS)})
+    return sorted(out, key=lambda r: r["at"])
+
+
+async def one(http, request: dict, start: float) -> dict:
+    """Send one request at its arrival time; stream it; return its timings."""
+    arrival = start + request["at"]
+    await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+    L = request["length"]
+    body = {"model": "bench", "max_tokens": L, "min_tokens": L, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": request["question"]},
+                                                      {"type": "image_url", "image_url": {"url": request["url"]}}]}]}
+    first, tokens = None, 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            elif first is None and data["choices"] and data["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    first = end if first is None else first
+    return {"ttft": first - arrival, "e2e": end - arrival, "end": end, "tokens": tokens,
+            "tpot": (end - first) / (tokens - 1) if tokens > 1 else None}
+
+
+async def run_load(base: str, requests: list[dict]) -> dict:
     import httpx
 
-    todo = list(enumerate(urls))
-    latencies: list[float] = []
-    tokens = 0
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens
-        while todo:
-            i, url = todo.pop()
-            body = {"model": "bench", "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
-                    "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTIONS[i % 4]},
-                                                              {"type": "image_url", "image_url": {"url": url}}]}]}
-            start = time.perf_counter()
-            r = await http.post("/v1/chat/completions", json=body)
-            latencies.append(time.perf_counter() - start)
-            r.raise_for_status()
-            tokens += r.json()["usage"]["completion_tokens"]
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
+    limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*[client(http) for _ in range(concurrency)])
-        return latencies, time.perf_counter() - start, tokens
+        results = await asyncio.gather(*[one(http, r, start) for r in requests])
+    wall = max(r["end"] for r in results) - (start + requests[0]["at"])
+    tokens = sum(r["tokens"] for r in results)
+    return {"results": results, "rps": len(results) / wall, "tps": tokens / wall, "wall": wall}
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def summary(run: dict) -> dict:
+    rs = run["results"]
+    tpot = [r["tpot"] for r in rs if r["tpot"] is not None]
+    out = {"rps": run["rps"], "tps": run["tps"]}
+    for name, values in (("ttft", [r["ttft"] for r in rs]), ("tpot", tpot), ("e2e", [r["e2e"] for r in rs])):
+        out[f"{name}50"], out[f"{name}99"] = percentile(values, 50), percentile(values, 99)
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    with open("/proc/cpuinfo") as info:
+        flags = info.read()
+    isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags)
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, flags: {isa}; torch "
+            f"{torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a checkpoint directory (default: build a small random one)")
+    parser.add_argument("--models", nargs="+", default=["builtin", "random"], choices=["builtin", "random"])
     parser.add_argument("--dir", default="/tmp/ib-serve-bench", help="where the random model is built")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests-per-client", type=int, default=3)
-    parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the fastest is reported")
+    parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rate-per-client", type=float, default=0.5, help="requests per second per client")
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--lengths", type=int, nargs=2, default=[8, 256], help="answer lengths, log-uniform")
+    parser.add_argument("--lone", type=int, default=6, help="lone requests for the TTFT yardstick")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting, the servers taking turns")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument("--write", default=None, help="add the report to this markdown file (RESULTS.md)")
     args = parser.parse_args()
-    model = args.model
-    if model is None:
-        model = args.dir
-        if not os.path.isfile(os.path.join(model, "model.safetensors")):
-            t = time.perf_counter()
-            build(model)
-            print(f"built a small random model in {model} ({time.perf_counter() - t:.0f} s)")
-    import torch
+    lines = [f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (`serve_load.py "
+             f"{' '.join(sys.argv[1:])}`). Machine: {machine()}.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {"continuous": os.path.join(REPO, "src"), "rounds": baseline_tree(args.baseline_ref, tmp)}
+        for model_name in args.models:
+            model = None
+            if model_name == "random":
+                model = args.dir
+                if not os.path.isfile(os.path.join(model, "model.safetensors")):
+                    build(model)
+            lines += report(model_name, model, sources, args)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        sys.path.insert(0, os.path.join(REPO, "src"))
+        from instructblip.files import write_text
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{args.max_tokens} greedy tokens per request, one distinct image each, vision cache off\n")
-    servers = {"one at a time": start_server(model, 1), "batching (16)": start_server(model, 16)}
-    results: dict[tuple[str, int], list] = {}
+        old = ""
+        if os.path.exists(args.write):
+            with open(args.write) as f:
+                old = f.read()
+        marker = "\n## "
+        cut = old.find(marker)
+        head, rest = (old[:cut], old[cut:]) if cut >= 0 else (old, "")
+        write_text(args.write, head + f"\n## Serving under load (serve_load.py)\n\n{text}" + rest)
+
+
+def report(model_name: str, model: str | None, sources: dict, args) -> list[str]:
+    servers = {label: start_server(model, source) for label, source in sources.items()}
+    runs: dict[tuple[str, int], list[dict]] = {}
     try:
-        for _, base in servers.values():
-            asyncio.run(load(base, 2, images(4, 999), args.max_tokens))  # warm-up
+        for _, base in servers.values():  # warm-up
+            asyncio.run(run_load(base, workload(2, 1, 50.0, (8, 16), seed=999)))
+        lone = []
+        for request in workload(1, args.lone, 1000.0, tuple(args.lengths), seed=1234):
+            lone += asyncio.run(run_load(servers["continuous"][1], [{**request, "at": 0.0}]))["results"]
         seed = 0
-        for c in args.concurrency:
-            n = max(args.min_requests, c * args.requests_per_client)
-            for _ in range(args.repeats):  # alternate the servers, so that both see the same machine load
+        for clients in args.clients:
+            for _ in range(args.repeats):
                 seed += 1
-                urls = images(n, seed)
-                for label, (_, base) in servers.items():
-                    latencies, wall, tokens = asyncio.run(load(base, c, urls, args.max_tokens))
-                    results.setdefault((label, c), []).append((n / wall, tokens / wall, latencies))
+                requests = workload(clients, args.requests_per_client, args.rate_per_client, tuple(args.lengths),
+                                    seed)
+                for label, (_, base) in servers.items():  # taking turns: both see the same machine
+                    runs.setdefault((label, clients), []).append(summary(asyncio.run(run_load(base, requests))))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-    rows = []
-    for (label, c), runs in sorted(results.items(), key=lambda kv: (kv[0][0] != "one at a time", kv[0][1])):
-        rps, tps, latencies = max(runs, key=lambda r: r[0])  # the least disturbed run
-        rows.append((label, c, len(latencies), rps, tps, statistics.median(latencies), percentile(latencies, 99)))
-    baseline = {c: rps for label, c, _, rps, *_ in rows if label == "one at a time"}
-    print(f"| {'server':<14} | {'clients':>7} | {'requests':>8} | {'req/s':>6} | {'tokens/s':>8} | {'p50 s':>6} | "
-          f"{'p99 s':>6} | {'vs one at a time':>16} |")
-    print(f"|{'-' * 16}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 18}|")
-    for label, c, n, rps, tps, p50, p99 in rows:
-        ratio = f"{rps / baseline[c]:.2f}x"
-        print(f"| {label:<14} | {c:>7} | {n:>8} | {rps:>6.2f} | {tps:>8.1f} | {p50:>6.2f} | {p99:>6.2f} | "
-              f"{ratio:>16} |")
+    lone_ttft = percentile([r["ttft"] for r in lone], 50)
+    out = [f"### {model_name} model", "",
+           f"A lone request's TTFT (median of {len(lone)}): {lone_ttft * 1000:.0f} ms. "
+           f"{args.requests_per_client} requests per client at {args.rate_per_client} per second each, answers of "
+           f"{args.lengths[0]}-{args.lengths[1]} tokens; {args.repeats} runs per row (ranges).", "",
+           "| server | clients | req/s | tokens/s | TTFT p50 / p99 s | TPOT p50 / p99 ms | e2e p50 / p99 s |",
+           "|---|---|---|---|---|---|---|"]
+
+    def span(values, scale=1.0, digits=2):
+        lo, hi = min(values) * scale, max(values) * scale
+        return f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+    for (label, clients), rs in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0] != "rounds")):
+        out.append(f"| {label} | {clients} | {span([r['rps'] for r in rs])} | {span([r['tps'] for r in rs], digits=0)}"
+                   f" | {span([r['ttft50'] for r in rs])} / {span([r['ttft99'] for r in rs])}"
+                   f" | {span([r['tpot50'] for r in rs], 1000, 1)} / {span([r['tpot99'] for r in rs], 1000, 1)}"
+                   f" | {span([r['e2e50'] for r in rs])} / {span([r['e2e99'] for r in rs])} |")
+    out.append("")
+    for clients in args.clients:
+        new, old = runs[("continuous", clients)], runs[("rounds", clients)]
+        ratios = [a["rps"] / b["rps"] for a, b in zip(new, old, strict=True)]
+        ttft = [r["ttft99"] / lone_ttft for r in new]
+        out.append(f"- {clients} clients: throughput {span(ratios)}x the round scheduler's (target 1.5x: "
+                   f"{'PASS' if min(ratios) >= 1.5 else 'FAIL'}); p99 TTFT {span(ttft, digits=1)}x a lone request's "
+                   f"(target 3x: {'PASS' if max(ttft) <= 3 else 'FAIL'})")
+    return out + [""]
 
 
 if __name__ == "__main__":
