@@ -241,21 +241,30 @@ def main() -> None:
         write_text(args.write, head + f"\n## Serving under load (serve_load.py)\n\n{text}" + rest)
 
 
+def longest_answer(model: str | None, wanted: int) -> int:
+    """`wanted`, or less where the model's context leaves less room after a prompt (64 positions kept for it)."""
+    directory = model or os.path.join(REPO, "src", "instructblip", "default_model")
+    with open(os.path.join(directory, "config.json")) as f:
+        text = json.load(f)["text_config"]
+    context = text.get("max_position_embeddings") if text.get("model_type") != "t5" else None
+    return wanted if context is None else min(wanted, context - 64)
+
+
 def report(model_name: str, model: str | None, sources: dict, args) -> list[str]:
+    lengths = (args.lengths[0], longest_answer(model, args.lengths[1]))
     servers = {label: start_server(model, source) for label, source in sources.items()}
     runs: dict[tuple[str, int], list[dict]] = {}
     try:
         for _, base in servers.values():  # warm-up
             asyncio.run(run_load(base, workload(2, 1, 50.0, (8, 16), seed=999)))
         lone = []
-        for request in workload(1, args.lone, 1000.0, tuple(args.lengths), seed=1234):
+        for request in workload(1, args.lone, 1000.0, lengths, seed=1234):
             lone += asyncio.run(run_load(servers["continuous"][1], [{**request, "at": 0.0}]))["results"]
         seed = 0
         for clients in args.clients:
             for _ in range(args.repeats):
                 seed += 1
-                requests = workload(clients, args.requests_per_client, args.rate_per_client, tuple(args.lengths),
-                                    seed)
+                requests = workload(clients, args.requests_per_client, args.rate_per_client, lengths, seed)
                 for label, (_, base) in servers.items():  # taking turns: both see the same machine
                     runs.setdefault((label, clients), []).append(summary(asyncio.run(run_load(base, requests))))
     finally:
@@ -266,7 +275,7 @@ def report(model_name: str, model: str | None, sources: dict, args) -> list[str]
     out = [f"### {model_name} model", "",
            f"A lone request's TTFT (median of {len(lone)}): {lone_ttft * 1000:.0f} ms. "
            f"{args.requests_per_client} requests per client at {args.rate_per_client} per second each, answers of "
-           f"{args.lengths[0]}-{args.lengths[1]} tokens; {args.repeats} runs per row (ranges).", "",
+           f"{lengths[0]}-{lengths[1]} tokens; {args.repeats} runs per row (ranges).", "",
            "| server | clients | req/s | tokens/s | TTFT p50 / p99 s | TPOT p50 / p99 ms | e2e p50 / p99 s |",
            "|---|---|---|---|---|---|---|"]
 

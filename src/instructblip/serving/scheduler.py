@@ -306,7 +306,7 @@ class Scheduler:
                     self._cond.wait(left)
             room = self.max_batch_size - self.running
             taken: list[Job] = []
-            tokens = len(self._rows)
+            tokens = len(self._rows) + sum(group.search.B * group.search.K for group in self._beams)  # rows a step runs
             while self._queue and len(taken) < room:
                 job = self._queue[0]
                 beam = job.params.beam
