@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from instructblip.accel.quantize import layer_class
@@ -80,9 +81,13 @@ class InstructBlip:
     def device(self) -> torch.device:
         return self.model.device
 
-    def _inputs(self, images: Sequence[Any], instructions: Sequence[str]) -> dict:
-        """The processor's output with the pixels replaced by the image features (the vision cache consulted)."""
-        inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt")
+    def _inputs(self, images: Sequence[Any], instructions: Sequence[str], preprocessed: bool = False) -> dict:
+        """The processor's output with the pixels replaced by the image features (the vision cache consulted).
+        `preprocessed`: the images are `preprocess` outputs, so the image processor's steps are all skipped."""
+        options = {"do_resize": False, "do_rescale": False, "do_normalize": False, "do_convert_rgb": False} \
+            if preprocessed else {}
+        inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt",
+                                **options)
         inputs = dict(inputs.to(self.device, dtype=self.model.dtype))
         with torch.inference_mode():
             features = image_features(self.model, inputs.pop("pixel_values"), inputs.pop("qformer_input_ids", None),
@@ -113,14 +118,31 @@ class InstructBlip:
         answers = self._generate(images, instructions, self._settings(ANSWER, generation))
         return answers if many else answers[0]
 
+    def preprocess(self, image: Any) -> np.ndarray:
+        """One image (path, bytes, PIL, array, tensor) -> its pixel values (3, H, W) float32, as `ask` computes them.
+        Needs no model, so a data loader's workers can run it ahead of `ask_preprocessed`."""
+        return self.processor.image_processor.preprocess_one(image)
+
+    def ask_preprocessed(self, pixel_values: Sequence[Any], instructions: Sequence[str], **generation: Any
+                         ) -> list[str]:
+        """`ask` for images that went through `preprocess` already: `pixel_values` (B, 3, H, W) or a list of
+        (3, H, W), one instruction per image; the same answers as `ask` on the original images."""
+        instructions = list(instructions)
+        if len(pixel_values) != len(instructions) or not instructions:
+            raise ValueError(f"{len(pixel_values)} images but {len(instructions)} instructions; give one per image")
+        if any(not isinstance(t, str) or not t.strip() for t in instructions):
+            raise ValueError("the instruction is empty; ask something (or use caption())")
+        return self._generate(list(pixel_values), instructions, self._settings(ANSWER, generation), preprocessed=True)
+
     def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **generation: Any) -> str | list[str]:
         """Describe an image (or a list of images) with the paper's captioning prompt and settings."""
         images, prompts, many = self._batch(image, prompt)
         answers = self._generate(images, prompts, self._settings(CAPTION, generation))
         return answers if many else answers[0]
 
-    def _generate(self, images: list, instructions: list[str], generation: dict) -> list[str]:
-        inputs = self._inputs(images, instructions)
+    def _generate(self, images: list, instructions: list[str], generation: dict, preprocessed: bool = False
+                  ) -> list[str]:
+        inputs = self._inputs(images, instructions, preprocessed)
         tokens = self.model.generate(**inputs, **generation)
         return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
 

@@ -2,7 +2,8 @@
 
     instructblip ask IMAGE "instruction" [--model M] [generation flags]
     instructblip caption IMAGE [IMAGE...]
-    instructblip batch INPUT.jsonl|FOLDER --output OUT.jsonl [--instruction TEXT]
+    instructblip batch INPUT.jsonl|FOLDER|INPUT.parquet --output OUT.jsonl [--instruction TEXT] [--num-workers N]
+    torchrun --nproc_per_node N -m instructblip batch ...       (or --ray [ADDRESS]; --merge OUT)
     instructblip info [M]
     instructblip convert-lavis --lavis-checkpoint X.pth --vision eva_vit_g.pth --llm DIR --out DIR
     instructblip train [CONFIG.yaml] [--key value ...]        (torchrun-ready)
@@ -21,12 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
-import json
 import os
 import sys
-import time
 import typing
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
@@ -36,7 +34,7 @@ if TYPE_CHECKING:
     from instructblip.serving.protocol import ServerConfig
     from instructblip.training.config import TrainConfig
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BATCH_WORKERS = 0  # `batch --num-workers`' default
 
 
 class UsageError(Exception):
@@ -107,15 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_flags(p, CAPTION)
 
     p = sub.add_parser(
-        "batch", help="answer many records, resumably",
+        "batch", help="answer many records, resumably (torchrun, Ray)",
         description="Answer every record of a JSONL file ({'id', 'image', 'instruction'} per line; image paths are "
-                    "relative to the file) or every image of a folder with one --instruction. Records already in "
-                    "OUTPUT are skipped, so an interrupted run continues where it stopped.",
+                    "relative to the file), a parquet file with those columns, or every image of a folder with one "
+                    "--instruction. Records already answered in OUTPUT are skipped, so an interrupted run continues "
+                    "where it stopped; an id's last line in OUTPUT is the one that counts. Exit status 0 when every "
+                    "record is answered, 1 when some failed, 2 for bad arguments.",
+        epilog="Many processes: torchrun --nproc_per_node N -m instructblip batch ... (each rank writes "
+               "OUTPUT.rank-0000R-of-0000N.jsonl; rank 0 merges them into OUTPUT at the end). "
+               "A Ray cluster: --ray [ADDRESS].",
     )
-    p.add_argument("input", help="records.jsonl or a folder of images")
-    p.add_argument("--output", "-o", required=True, help="answers.jsonl (appended to; one line per record)")
-    p.add_argument("--instruction", default=None, help="the instruction for every image of a folder")
+    p.add_argument("input", nargs="?", help="records.jsonl, records.parquet or a folder of images")
+    p.add_argument("--output", "-o", default=None, help="answers.jsonl (appended to; one line per record)")
+    p.add_argument("--instruction", default=None, help="the instruction for every image of a folder (and for "
+                   "records without one)")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
+    p.add_argument("--num-workers", type=int, default=BATCH_WORKERS,
+                   help=f"processes decoding images ahead of the model; 0: the main process (default "
+                   f"{BATCH_WORKERS})")
+    p.add_argument("--retry-failed", action="store_true", help="answer again the records whose line is an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal)")
+    p.add_argument("--merge", metavar="OUT", default=None,
+                   help="only merge OUT's part files (left by a torchrun run) into OUT, each id once, and exit")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: a local cluster, or the cluster at ADDRESS (e.g. auto, ray://host:10001)")
+    p.add_argument("--ray-actors", type=int, default=1, help="model actors on the Ray cluster (default 1)")
     _model_flags(p)
     _generation_flags(p, ANSWER)
 
@@ -275,139 +289,44 @@ def cmd_convert_lavis(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# batch
-
-
-def _records(path: str, instruction: str | None) -> Iterator[dict]:
-    """Records from a JSONL file (image paths relative to it) or a folder of images; bad lines become records with
-    an `error` field so that they are reported, not fatal."""
-    if os.path.isdir(path):
-        if not instruction:
-            raise UsageError("a folder of images needs --instruction")
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
-        if not names:
-            raise UsageError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        for name in names:
-            yield {"id": name, "image": os.path.join(path, name), "instruction": instruction}
-        return
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file or folder")
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield {"id": f"line-{number}", "error": f"line {number} is not JSON ({e.msg})"}
-                continue
-            if not isinstance(record, dict):
-                yield {"id": f"line-{number}", "error": f"line {number} is not a JSON object"}
-                continue
-            rid = record.get("id", f"line-{number}")
-            missing = [k for k in ("image", "instruction") if not isinstance(record.get(k), str) or not record[k]]
-            if instruction and "instruction" in missing:
-                record["instruction"] = instruction
-                missing.remove("instruction")
-            if missing:
-                yield {"id": rid, "error": f"line {number} lacks {' and '.join(missing)}"}
-                continue
-            image = record["image"] if os.path.isabs(record["image"]) else os.path.join(base, record["image"])
-            yield {"id": rid, "image": image, "instruction": record["instruction"]}
-
-
-def _done_ids(output: str) -> set:
-    """Ids already answered in `output`; a torn last line (a crash mid-write) is cut off first."""
-    if not os.path.exists(output):
-        return set()
-    with open(output, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            f.truncate(cut)
-            data = data[:cut]
-    done = set()
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return done
-
-
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal, or INSTRUCTBLIP_PROGRESS=1)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.start = total, 0, time.monotonic()
-        self.enabled = sys.stderr.isatty() or os.environ.get("INSTRUCTBLIP_PROGRESS") == "1"
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled:
-            rate = self.done / max(time.monotonic() - self.start, 1e-9)
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:.2f} rec/s",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
+# batch: the machinery is instructblip/batch/
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    records = list(_records(args.input, args.instruction))
-    done = _done_ids(args.output)
-    todo = [r for r in records if r["id"] not in done]
-    print(f"{len(records)} records, {len(records) - len(todo)} already in {args.output}, {len(todo)} to do",
-          file=sys.stderr)
-    if not todo:
-        return 0
-    gen = _generation(args)
-    vlm = _load(args)
-    progress = _Progress(len(todo))
-    fd = os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    failed = 0
-    try:
-        good = [r for r in todo if "error" not in r]
-        for r in todo:
-            if "error" in r:
-                _write_line(fd, r)
-                failed += 1
-                progress.update(1)
-        for i in range(0, len(good), args.batch_size):
-            chunk = good[i:i + args.batch_size]
-            for record, answer, error in _answer(vlm, chunk, gen):
-                out = {"id": record["id"], "image": record["image"], "instruction": record["instruction"]}
-                out |= {"error": error} if error else {"answer": answer}
-                failed += bool(error)
-                _write_line(fd, out)
-            progress.update(len(chunk))
-    finally:
-        os.close(fd)
-        progress.close()
-    print(f"wrote {len(todo)} records to {args.output} ({failed} with errors)", file=sys.stderr)
-    return 0
+    """Exit status 0 when every record of the output is answered, 1 when some failed (their lines carry an error)."""
+    from instructblip.batch import BatchConfig, merge, run
+    from instructblip.batch.shards import part_files
 
+    if args.merge is not None:
+        if args.input is not None or args.output is not None:
+            raise UsageError("--merge OUT takes no INPUT and no --output; run it alone")
+        if not os.path.exists(args.merge) and not part_files(args.merge):
+            raise UsageError(f"--merge {args.merge}: neither the file nor part files of it exist")
+        report = merge(args.merge)
+        print(f"merged {report.parts} part files into {args.merge}: {report.records} records, {report.failed} with "
+              f"errors", file=sys.stderr)
+        return 1 if report.failed else 0
+    if args.input is None or args.output is None:
+        raise UsageError("batch needs INPUT and --output OUT (or --merge OUT alone)")
+    config = BatchConfig(
+        input=args.input, output=args.output, instruction=args.instruction, batch_size=args.batch_size,
+        num_workers=args.num_workers, retry_failed=args.retry_failed, progress=not args.no_progress,
+        model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+        quantize_vision=args.quantize_vision, generation=_generation(args),
+    )
+    if args.ray is not None:
+        from instructblip.batch.ray_predictor import run_ray
 
-def _answer(vlm, chunk: list[dict], gen: dict) -> list[tuple[dict, str | None, str | None]]:
-    """Answer a chunk as one batch; if an input is bad, answer the records one by one to isolate it."""
-    try:
-        answers = vlm.ask([r["image"] for r in chunk], [r["instruction"] for r in chunk], **gen)
-        return [(r, a, None) for r, a in zip(chunk, answers, strict=True)]
-    except (ValueError, FileNotFoundError) as e:
-        if len(chunk) == 1:
-            return [(chunk[0], None, str(e))]
-    return [item for r in chunk for item in _answer(vlm, [r], gen)]
-
-
-def _write_line(fd: int, record: dict) -> None:
-    """One whole line per write(2) on an O_APPEND descriptor, so a kill never leaves half a record."""
-    os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        summary = run_ray(config, args.ray, args.ray_actors)
+    else:
+        summary = run(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        merged = f"; merged {summary.merged} part files" if summary.merged else ""
+        print(f"answered {summary.answered} records now, {summary.done_before} before{merged}", file=sys.stderr)
+        if summary.failed:
+            print(f"{summary.failed} of {summary.records} records failed (their lines in {args.output} carry an "
+                  f"error); fix the cause and rerun with --retry-failed", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

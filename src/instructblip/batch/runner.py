@@ -1,0 +1,164 @@
+"""`instructblip batch`: answer every record of an input, resumably, in one process or in each rank of torchrun.
+
+    run(BatchConfig(input="records.jsonl", output="answers.jsonl"))
+
+The loop: check the paths (before the model loads), find what the output holds, count what is left, load the
+model, then answer batches from the data loader and append one whole line per record with one write(2) on an
+O_APPEND descriptor, so that a kill never leaves half a record and a rerun continues where it stopped. Under
+torchrun each rank writes its own part file and rank 0 merges them at the end (`shards.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from instructblip.batch.loader import Plan, RecordStream, make_loader
+from instructblip.batch.records import OutputIndex, check_output, cut_torn_tail, input_kind
+from instructblip.batch.shards import (
+    Dist,
+    all_sum,
+    barrier,
+    close_distributed,
+    init_distributed,
+    merge,
+    part_files,
+    part_path,
+)
+
+
+@dataclass
+class BatchConfig:
+    input: str  # records.jsonl, a folder of images or a parquet file
+    output: str  # answers.jsonl, appended to
+    instruction: str | None = None  # the question for a folder's images, or for records without one
+    batch_size: int = 8  # records per forward pass
+    num_workers: int = 0  # processes decoding images ahead of the model (0: the main process does it)
+    retry_failed: bool = False  # answer again the records whose last output line is an error
+    progress: bool = True  # a progress bar on stderr, when it is a terminal (rank 0 only)
+    model: str | None = None  # None: the model shipped inside
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str | None = None
+    quantize_vision: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)  # keyword arguments for `InstructBlip.ask`
+
+
+@dataclass
+class Summary:
+    records: int  # in the input (all ranks)
+    done_before: int  # answered in the output already
+    answered: int  # answered now
+    failed: int  # records whose output line is an error: failed now, or earlier and not retried
+    merged: int | None = None  # part files merged into the output, when a merge ran
+
+
+def check(config: BatchConfig) -> None:
+    """Everything about the paths and numbers that can be wrong, before anything is loaded (a ValueError each)."""
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.num_workers < 0:
+        raise ValueError(f"--num-workers must be 0 or more, got {config.num_workers}")
+    input_kind(config.input, config.instruction)
+    check_output(config.input, config.output)
+
+
+def run(config: BatchConfig, log=None) -> Summary:
+    """Answer what the output lacks; under torchrun this rank's share, then rank 0 merges. `log`: one-line messages
+    (default: stderr)."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    check(config)
+    place = init_distributed()
+    try:
+        return _run(config, place, log)
+    finally:
+        close_distributed(place)
+
+
+def _run(config: BatchConfig, place: Dist, log) -> Summary:
+    mine = config.output if place.world == 1 else part_path(config.output, place.rank, place.world)
+    cut_torn_tail(mine)  # only the file this process appends to; readers skip torn lines of the others
+    index = OutputIndex.scan([config.output, *part_files(config.output)])
+    stream = RecordStream(config.input, config.instruction, None, place.rank, place.world, index,
+                          config.retry_failed)
+    plan = stream.plan()
+    who = f"rank {place.rank} of {place.world}: " if place.world > 1 else ""
+    retried = " (failed ones retried)" if config.retry_failed else ""
+    log(f"{who}{plan.records} records, {plan.done} already answered in {config.output}, {plan.todo} to do{retried}")
+    answered, failed = _answer_all(config, place, stream, plan, mine) if plan.todo else (0, 0)
+    failed += plan.failed_before
+    totals = all_sum(place, [plan.records, plan.done, answered, failed])
+    summary = Summary(*totals)
+    barrier(place)  # every rank has finished its part: rank 0 may merge
+    if place.rank == 0 and part_files(config.output):
+        summary.merged = merge(config.output).parts
+    return summary
+
+
+def _answer_all(config: BatchConfig, place: Dist, stream: RecordStream, plan: Plan, path: str) -> tuple[int, int]:
+    """Load the model and answer this rank's records into `path`: (answered, failed)."""
+    from tqdm import tqdm
+
+    from instructblip.api import load
+
+    device = config.device
+    if place.world > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per rank on its machine
+            device = f"cuda:{place.local_rank}"
+    vlm = load(config.model, device=device, dtype=config.dtype, quantize=config.quantize,
+               quantize_vision=config.quantize_vision)
+    stream.preprocess = vlm.processor.image_processor.preprocess_one  # small: goes to the workers, not the model
+    loader = make_loader(stream, config.batch_size, config.num_workers)
+    terminal = sys.stderr.isatty() or os.environ.get("INSTRUCTBLIP_PROGRESS") == "1"
+    show = config.progress and place.rank == 0 and terminal
+    bar = tqdm(total=plan.todo, unit="rec", disable=not show, dynamic_ncols=True, file=sys.stderr,
+               desc=f"rank 0 of {place.world}" if place.world > 1 else None)
+    answered = failed = 0
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for batch in loader:
+            lines = list(batch.failed)
+            if batch.records:
+                lines += answer(vlm, batch.records, batch.pixels, config.generation)
+            for line in lines:
+                write_line(fd, output_line(line))
+                failed += "error" in line
+                answered += "error" not in line
+            bar.update(len(lines))
+    finally:
+        os.close(fd)
+        bar.close()
+    return answered, failed
+
+
+def answer(vlm, records: list[dict], pixels, generation: dict) -> list[dict]:
+    """The records with an `answer` (or an `error`), answered as one batch; when the batch fails on a bad input
+    (a ValueError), one by one to isolate it."""
+    try:
+        answers = vlm.ask_preprocessed(pixels, [r["instruction"] for r in records], **generation)
+        return [{**r, "answer": a} for r, a in zip(records, answers, strict=True)]
+    except ValueError as e:
+        if len(records) == 1:
+            return [{**records[0], "error": str(e)}]
+    return [line for i, r in enumerate(records) for line in answer(vlm, [r], pixels[i:i + 1], generation)]
+
+
+def output_line(record: dict) -> dict:
+    """The line written for a record: id, image (a path; not encoded bytes), instruction, then answer or error."""
+    line = {"id": record["id"]}
+    if isinstance(record.get("image"), str):
+        line["image"] = record["image"]
+    for name in ("instruction", "answer", "error"):
+        if name in record:
+            line[name] = record[name]
+    return line
+
+
+def write_line(fd: int, record: dict) -> None:
+    """One whole line per write(2) on an O_APPEND descriptor, so a kill never leaves half a record."""
+    os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
