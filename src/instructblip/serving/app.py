@@ -14,17 +14,23 @@ stream in).
 
 The parts: `protocol.py` (the request schema, and how a chat becomes an instruction, a prompt and decoding
 settings), `media.py` (where images may come from), `scheduler.py` (the batching worker that owns the model),
-`metrics.py` (/metrics). This file holds the routes, which tie them together.
+`metrics.py` (/metrics), `connections.py` (limits on connections and requests in progress, timeouts). This file
+holds the routes, which tie them together.
 
 - `usage.prompt_tokens` counts the language model's input, the query-token placeholders included (as vLLM);
   `completion_tokens` every token generated over all choices, eos included.
-- errors: 400 bad input, 401 missing or wrong API key, 404 unknown model or path, 413 body too large, 503 queue full
-  (with `Retry-After`), 504 the request ran past `--request-timeout`, 500 a failure inside the model.
+- errors, all in OpenAI's shape: 400 bad input (`protocol.py` lists what is checked), 401 missing or wrong API key,
+  404 unknown model or path, 408 the body did not arrive within `--body-timeout`, 413 body too large, 503 busy (queue
+  full, `--max-running-requests` API requests in progress, or `--max-connections` open; with `Retry-After`), 504 the
+  request ran past `--request-timeout`, 500 a failure inside the model. A 408 closes the connection.
 
 Safety:
 - binds 127.0.0.1 by default; `--api-key` (or the INSTRUCTBLIP_API_KEY environment variable) requires
   `Authorization: Bearer KEY` on /v1/* and /metrics; binding elsewhere without a key prints a warning.
-- limits: body size (`--max-body-mb`, checked while reading), one image per request, image bytes
+- limits: open connections (`--max-connections`), API requests in progress (`--max-running-requests`), seconds to
+  send a request's headers (`--header-timeout`) and its body (`--body-timeout`): idle or half-sent connections
+  cannot lock other clients out (`connections.py`); body size (`--max-body-mb`, checked while reading), one image
+  per request, image bytes
   (`--max-image-mb`), image pixels (`--max-image-pixels`, read from the header before decoding: decompression bombs),
   prompt tokens (`--max-prompt-tokens`), `max_tokens` (`--max-tokens-limit`), `n` (8), stop strings (4).
 - images: `data:` URLs always; `http(s)` only with `--allow-remote-images` and to public addresses, `file://` only
@@ -54,6 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructblip.generation.config import GenerationConfig
 from instructblip.processing.image import load_image
+from instructblip.serving.connections import RequestLimit
 from instructblip.serving.media import ImageError, read_image_bytes
 from instructblip.serving.metrics import Metrics, MetricsMiddleware
 from instructblip.serving.protocol import (
@@ -100,7 +107,8 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     server = _Server(vlm, replace(config or ServerConfig(), **options))
     app = FastAPI(title="instructblip", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.config = server.scheduler, server.metrics, server.config
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
+    app.add_middleware(RequestLimit, limit=server.config.max_running_requests)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outside the limit: its 503s are counted
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -257,8 +265,11 @@ class _Server:
     async def read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length")
+        # not closed: uvicorn reads and drops the rest (closing with unread data would reset the connection before
+        # the client reads the 413); the header timeout bounds how long that may go on
+        too_large = APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+            raise too_large
         chunks, total = [], 0
 
         async def receive_all():
@@ -266,13 +277,14 @@ class _Server:
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
-                    raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+                    raise too_large
                 chunks.append(chunk)
 
         try:
             await asyncio.wait_for(receive_all(), self.config.body_timeout)
         except TimeoutError:
-            raise APIError(408, "the body took too long to arrive", code="body_timeout") from None
+            raise APIError(408, f"the body did not arrive within {self.config.body_timeout:g} seconds",
+                           code="body_timeout", headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def model_inputs(self, plan: ChatPlan) -> tuple[torch.Tensor, list[int], list[int]]:
