@@ -9,13 +9,13 @@
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,..."}}]}])
 
 Endpoints: `POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`), `GET /v1/models`,
-`GET /health`, `GET /metrics` (Prometheus text), `GET /` (a web page: pick or paste an image, ask, watch the answer
-stream in).
+`GET /health`, `GET /metrics` (Prometheus text), `GET /openapi.json` (the OpenAPI document: `openapi.py`), `GET /`
+(a web page: pick or paste an image, ask, watch the answer stream in).
 
 The parts: `protocol.py` (the request schema, and how a chat becomes an instruction, a prompt and decoding
 settings), `media.py` (where images may come from), `scheduler.py` (the batching worker that owns the model),
-`metrics.py` (/metrics), `connections.py` (limits on connections and requests in progress, timeouts). This file
-holds the routes, which tie them together.
+`metrics.py` (/metrics), `connections.py` (limits on connections and requests in progress, timeouts), `openapi.py`.
+This file holds the routes, which tie them together.
 
 - `usage.prompt_tokens` counts the language model's input, the query-token placeholders included (as vLLM);
   `completion_tokens` every token generated over all choices, eos included.
@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructblip.generation.config import GenerationConfig
@@ -63,6 +63,7 @@ from instructblip.processing.image import load_image
 from instructblip.serving.connections import RequestLimit
 from instructblip.serving.media import ImageError, read_image_bytes
 from instructblip.serving.metrics import Metrics, MetricsMiddleware
+from instructblip.serving.openapi import STREAMED, document, error_responses, json_body
 from instructblip.serving.protocol import (
     APIError,
     ChatPlan,
@@ -105,20 +106,24 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     and `config`.
     """
     server = _Server(vlm, replace(config or ServerConfig(), **options))
-    app = FastAPI(title="instructblip", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="instructblip", lifespan=server.lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: document(app)
     app.state.scheduler, app.state.metrics, app.state.config = server.scheduler, server.metrics, server.config
     app.add_middleware(RequestLimit, limit=server.config.max_running_requests)
     app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outside the limit: its 503s are counted
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    app.get("/")(server.index)
-    app.get("/static/{name}")(server.static_file)
+    app.get("/", response_class=HTMLResponse)(server.index)
+    app.get("/static/{name}", response_class=Response, responses=error_responses(404))(server.static_file)
     app.get("/health")(server.health)
-    app.get("/v1/models")(server.models)
-    app.get("/v1/models/{name:path}")(server.model_info)
-    app.get("/metrics")(server.metrics_page)
-    app.post("/v1/chat/completions")(server.chat_completions)
+    app.get("/v1/models", responses=error_responses(401, 503))(server.models)
+    app.get("/v1/models/{name:path}", responses=error_responses(401, 404, 503))(server.model_info)
+    app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))(server.metrics_page)
+    api_errors = error_responses(400, 401, 404, 408, 413, 500, 503, 504)
+    app.post("/v1/chat/completions", **json_body(ChatRequest), responses={**api_errors, **STREAMED}
+             )(server.chat_completions)
     return app
 
 
