@@ -56,6 +56,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +202,7 @@ class _Server:
                        for name in _STATIC}
         # threads off the event loop: downloads (slow, bounded by --image-fetch-timeout) apart from decoding (CPU)
         self.fetch_pool = ThreadPoolExecutor(8, thread_name_prefix="instructblip-fetch")
+        self.mailbox: _Mailbox | None = None  # made on the first request, on the event loop's thread
         self.decode_pool = ThreadPoolExecutor(config.image_workers, thread_name_prefix="instructblip-decode")
 
     @asynccontextmanager
@@ -368,10 +370,13 @@ class _Server:
                input_ids: list[int], deadline: float) -> tuple[Job, asyncio.Queue]:
         """Queue the request for the worker; its events arrive, in batches, on the returned queue."""
         loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = _Mailbox(loop)
         events: asyncio.Queue = asyncio.Queue()
+        mailbox = self.mailbox
 
         def emit(batch: list) -> None:  # called from the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, batch)
+            mailbox.post(events, batch)
 
         job = Job(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=input_ids,
                   image_tokens=self.image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline,
@@ -461,27 +466,31 @@ class _Server:
                 try:
                     batch = await _next_events(job, events, None)
                 except APIError as e:
-                    yield _event(e.body())
+                    yield _event(e.body()) + "data: [DONE]\n\n"
                     break
-                finished = False
+                while not events.empty():  # a client that reads slower than tokens come gets them in one write
+                    batch += events.get_nowait()
+                finished, out = False, []
                 for event in batch:
                     if isinstance(event, TextDelta):
-                        yield chunk(event.index, {"content": event.text}, logprobs=event.logprobs)
+                        out.append(chunk(event.index, {"content": event.text}, logprobs=event.logprobs))
                     elif isinstance(event, ChoiceEnd):
-                        yield chunk(event.index, {}, event.finish_reason)
+                        out.append(chunk(event.index, {}, event.finish_reason))
                     elif isinstance(event, Failed):
                         last = event
-                        yield _event(APIError(event.status, event.message, code=event.code).body())
+                        out.append(_event(APIError(event.status, event.message, code=event.code).body()))
                         finished = True
                     elif isinstance(event, Completed):
                         last = event
                         completion = sum(c.tokens for c in event.choices)
                         if plan.include_usage:
-                            yield _event({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
+                            out.append(_event({**base, "choices": [], "usage": _usage(prompt_tokens, completion)}))
                         finished = True
                 if finished:
+                    yield "".join(out) + "data: [DONE]\n\n"
                     break
-            yield "data: [DONE]\n\n"
+                if out:
+                    yield "".join(out)
         finally:
             job.cancelled.set()  # the client went away (or the stream ended): stop the work
             self.ended(entry, job, last, prompt_tokens)
@@ -503,6 +512,32 @@ class _Server:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # waiting for the worker
+
+
+class _Mailbox:
+    """Events from the worker thread to the event loop. The worker posts one list per request and step; one wake-up
+    of the loop carries everything posted since the last, instead of one wake-up per request and step (a batch of
+    64 streams would wake the loop 64 times a step)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, list]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, batch: list) -> None:
+        with self._lock:
+            self._items.append((queue, batch))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, batch in items:
+            queue.put_nowait(batch)
 
 
 async def _next_events(job: Job, events: asyncio.Queue, watcher: asyncio.Future | None) -> list:
