@@ -20,6 +20,7 @@ with status 2; failures while running exit with status 1. Set INSTRUCTBLIP_DEBUG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -462,7 +463,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _precision_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the directory name or hub id)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set $INSTRUCTBLIP_API_KEY, "
@@ -479,7 +480,15 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=d.default_max_tokens, help="max_tokens when a request has none")
     g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds, arrival to last token")
-    g.add_argument("--max-connections", type=int, default=256, help="open connections before uvicorn answers 503")
+    g.add_argument("--max-connections", type=int, default=512,
+                   help="open connections; a request on one opened past it gets 503 and the connection is closed")
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                   help="API requests in progress (reading, waiting, decoding) before 503; /health is not counted")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers (after opening, or after its last "
+                        "response) before it is closed")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a request has to send its whole body (408 after)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="requests decoding at once; waiting ones join between steps")
@@ -509,9 +518,12 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens", "max_tokens_limit", "num_beams",
-                 "max_image_pixels", "max_step_tokens", "prefill_chunk"):
+                 "max_image_pixels", "max_step_tokens", "prefill_chunk", "max_connections", "max_running_requests"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("header_timeout", "body_timeout", "request_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds")
     if args.max_tokens > args.max_tokens_limit:
         raise ValueError("--max-tokens must not exceed --max-tokens-limit")
     if args.served_model_name:
@@ -530,6 +542,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         repetition_penalty=args.repetition_penalty, history=args.history,
         allow_remote_images=args.allow_remote_images, allowed_local_media_path=args.allowed_local_media_path,
         image_fetch_timeout=args.image_fetch_timeout, log_format=args.log_format,
+        max_running_requests=args.max_running_requests, body_timeout=args.body_timeout,
     )
 
 
@@ -551,35 +564,76 @@ def security_warnings(host: str, api_key: str | None, allow_remote_images: bool)
     return out
 
 
+def check_model(model: str | None) -> None:
+    """What can be wrong with --model, found before loading it (a path that is not there, a directory that is not a
+    model, a config or weights file that cannot be read): a UsageError naming the problem and the fix."""
+    from instructblip.api import default_model_dir
+    from instructblip.hub import CheckpointNotFoundError, resolve_checkpoint_dir
+    from instructblip.models.config import ConfigError, InstructBlipConfig
+    from instructblip.weights.checkpoint import CheckpointError, check_weights
+
+    fix = "pass --model a directory holding config.json and model.safetensors, or a hub id"
+    try:
+        directory = resolve_checkpoint_dir(default_model_dir() if model is None else model)
+    except CheckpointNotFoundError as e:  # its message says what to pass instead
+        raise UsageError(f"--model {model}: {e}") from None
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise UsageError(f"--model {model}: {directory} is not a model directory (it has no config.json); {fix}")
+    try:
+        InstructBlipConfig.from_pretrained(directory)
+        check_weights(directory)
+    except (ConfigError, CheckpointError) as e:
+        raise UsageError(f"--model {model}: {e}; {fix}") from None
+    except OSError as e:
+        raise UsageError(f"--model {model}: cannot read {e.filename or directory} ({e.strerror or e}); make it "
+                         f"readable, or {fix}") from None
+
+
 def cmd_serve(argv: list[str]) -> int:
-    """Load the model and serve it until interrupted."""
+    """Check the flags, bind the port and check the model (each error before the slow load), then load the model and
+    serve it until interrupted."""
     import logging
 
     import uvicorn
 
     from instructblip.api import load
     from instructblip.serving.app import create_app
+    from instructblip.serving.connections import HTTPProtocol, bind
 
     args = serve_parser().parse_args(argv)
     config = serve_config(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    log = logging.getLogger("instructblip.serving.app")  # the server's own lines; each request's: ...serving.access
-    if config.log_format == "json":  # the request lines bare, one JSON object per line, for a log shipper to parse
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access = logging.getLogger("instructblip.serving.access")
-        access.addHandler(handler)
-        access.propagate = False
-    for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
-        log.warning(warning)
-    vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size,
-               quantize=args.quantize, quantize_vision=args.quantize_vision)
-    app = create_app(vlm, config)
-    log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
-                access_log=False)  # the server writes its own line per request (serving/access.py), with more in it
-    return 0
+    sockets = bind(args.host, args.port)
+    try:
+        check_model(args.model)
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+        log = logging.getLogger("instructblip.serving.app")  # the server's own lines; each request's: ...serving.access
+        if config.log_format == "json":  # the request lines bare, one JSON object per line, for a log shipper to parse
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            access = logging.getLogger("instructblip.serving.access")
+            access.addHandler(handler)
+            access.propagate = False
+        for warning in security_warnings(args.host, config.api_key, config.allow_remote_images):
+            log.warning(warning)
+        vlm = load(args.model, device=args.device, dtype=args.dtype, vision_cache_size=args.vision_cache_size,
+                   quantize=args.quantize, quantize_vision=args.quantize_vision)
+        app = create_app(vlm, config)
+        port = sockets[0].getsockname()[1]
+        log.info("serving %r on http://%s:%d (web page at /, API at /v1)", config.model_name, args.host, port)
+        # the connection cap and the header timeout are the protocol's (serving/connections.py), not uvicorn's
+        # limit_concurrency, which counts idle connections against running requests
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=args.host, port=port, log_level=args.log_level, timeout_keep_alive=5,
+            timeout_graceful_shutdown=10, server_header=False, ws="none",  # no websocket routes
+            access_log=False,  # the server writes its own line per request (serving/access.py), with more in it
+            http=HTTPProtocol.factory(args.max_connections, args.header_timeout)))
+        # uvicorn shuts down on Ctrl-C, then raises the signal again; uvicorn.run swallows it, and so do we
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return 0 if server.started else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,13 +9,13 @@
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,..."}}]}])
 
 Endpoints: `POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`), `GET /v1/models`,
-`GET /health`, `GET /metrics` (Prometheus text), `GET /` (a web page: pick or paste an image, ask, watch the answer
-stream in).
+`GET /health`, `GET /metrics` (Prometheus text), `GET /openapi.json` (the OpenAPI document: `openapi.py`), `GET /`
+(a web page: pick or paste an image, ask, watch the answer stream in).
 
 The parts: `protocol.py` (the request schema, and how a chat becomes an instruction, a prompt and decoding
 settings), `media.py` (where images may come from), `scheduler.py` (the batching worker that owns the model),
-`metrics.py` (/metrics), `access.py` (request ids and the log line). This file holds the routes, which tie them
-together.
+`metrics.py` (/metrics), `access.py` (request ids and the log line), `connections.py` (limits on connections and
+requests in progress, timeouts), `openapi.py`, `logprobs.py`. This file holds the routes, which tie them together.
 
 - /metrics, with vLLM's names where vLLM has the metric (`metrics.py` lists them all):
   `vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`,
@@ -30,13 +30,18 @@ together.
   e2e_s`, as `key=value` text or one JSON object (`--log-format json`).
 - `usage.prompt_tokens` counts the language model's input, the query-token placeholders included (as vLLM);
   `completion_tokens` every token generated over all choices, eos included.
-- errors: 400 bad input, 401 missing or wrong API key, 404 unknown model or path, 413 body too large, 503 queue full
-  (with `Retry-After`), 504 the request ran past `--request-timeout`, 500 a failure inside the model.
+- errors, all in OpenAI's shape: 400 bad input (`protocol.py` lists what is checked), 401 missing or wrong API key,
+  404 unknown model or path, 408 the body did not arrive within `--body-timeout`, 413 body too large, 503 busy (queue
+  full, `--max-running-requests` API requests in progress, or `--max-connections` open; with `Retry-After`), 504 the
+  request ran past `--request-timeout`, 500 a failure inside the model. A 408 closes the connection.
 
 Safety:
 - binds 127.0.0.1 by default; `--api-key` (or the INSTRUCTBLIP_API_KEY environment variable) requires
   `Authorization: Bearer KEY` on /v1/* and /metrics; binding elsewhere without a key prints a warning.
-- limits: body size (`--max-body-mb`, checked while reading), one image per request, image bytes
+- limits: open connections (`--max-connections`), API requests in progress (`--max-running-requests`), seconds to
+  send a request's headers (`--header-timeout`) and its body (`--body-timeout`): idle or half-sent connections
+  cannot lock other clients out (`connections.py`); body size (`--max-body-mb`, checked while reading), one image
+  per request, image bytes
   (`--max-image-mb`), image pixels (`--max-image-pixels`, read from the header before decoding: decompression bombs),
   prompt tokens (`--max-prompt-tokens`), `max_tokens` (`--max-tokens-limit`), `n` (8), stop strings (4).
 - images: `data:` URLs always; `http(s)` only with `--allow-remote-images` and to public addresses, `file://` only
@@ -51,6 +56,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -61,15 +67,17 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructblip.generation.config import GenerationConfig
 from instructblip.processing.image import load_image
 from instructblip.serving.access import AccessEntry, AccessMiddleware, line_format
+from instructblip.serving.connections import RequestLimit
 from instructblip.serving.logprobs import chat_logprobs, text_logprobs
 from instructblip.serving.media import ImageError, read_image_bytes
 from instructblip.serving.metrics import CONTENT_TYPE, Metrics
+from instructblip.serving.openapi import STREAMED, document, error_responses, json_body
 from instructblip.serving.protocol import (
     APIError,
     ChatPlan,
@@ -114,20 +122,27 @@ def create_app(vlm, config: ServerConfig | None = None, **options: Any) -> FastA
     and `config`.
     """
     server = _Server(vlm, replace(config or ServerConfig(), **options))
-    app = FastAPI(title="instructblip", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="instructblip", lifespan=server.lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: document(app)
     app.state.scheduler, app.state.metrics, app.state.config = server.scheduler, server.metrics, server.config
+    app.add_middleware(RequestLimit, limit=server.config.max_running_requests)
+    # outside the limit: its 503s are counted and logged
     app.add_middleware(AccessMiddleware, metrics=server.metrics, format_line=line_format(server.config.log_format))
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    app.get("/")(server.index)
-    app.get("/static/{name}")(server.static_file)
+    app.get("/", response_class=HTMLResponse)(server.index)
+    app.get("/static/{name}", response_class=Response, responses=error_responses(404))(server.static_file)
     app.get("/health")(server.health)
-    app.get("/v1/models")(server.models)
-    app.get("/v1/models/{name:path}")(server.model_info)
-    app.get("/metrics")(server.metrics_page)
-    app.post("/v1/chat/completions")(server.chat_completions)
-    app.post("/v1/completions")(server.completions)
+    app.get("/v1/models", responses=error_responses(401, 503))(server.models)
+    app.get("/v1/models/{name:path}", responses=error_responses(401, 404, 503))(server.model_info)
+    app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))(server.metrics_page)
+    api_errors = error_responses(400, 401, 404, 408, 413, 500, 503, 504)
+    app.post("/v1/chat/completions", **json_body(ChatRequest), responses={**api_errors, **STREAMED}
+             )(server.chat_completions)
+    app.post("/v1/completions", **json_body(CompletionRequest), responses={**api_errors, **STREAMED}
+             )(server.completions)
     return app
 
 
@@ -187,6 +202,7 @@ class _Server:
                        for name in _STATIC}
         # threads off the event loop: downloads (slow, bounded by --image-fetch-timeout) apart from decoding (CPU)
         self.fetch_pool = ThreadPoolExecutor(8, thread_name_prefix="instructblip-fetch")
+        self.mailbox: _Mailbox | None = None  # made on the first request, on the event loop's thread
         self.decode_pool = ThreadPoolExecutor(config.image_workers, thread_name_prefix="instructblip-decode")
 
     @asynccontextmanager
@@ -288,8 +304,11 @@ class _Server:
     async def read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length")
+        # not closed: uvicorn reads and drops the rest (closing with unread data would reset the connection before
+        # the client reads the 413); the header timeout bounds how long that may go on
+        too_large = APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+            raise too_large
         chunks, total = [], 0
 
         async def receive_all():
@@ -297,13 +316,14 @@ class _Server:
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
-                    raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+                    raise too_large
                 chunks.append(chunk)
 
         try:
             await asyncio.wait_for(receive_all(), self.config.body_timeout)
         except TimeoutError:
-            raise APIError(408, "the body took too long to arrive", code="body_timeout") from None
+            raise APIError(408, f"the body did not arrive within {self.config.body_timeout:g} seconds",
+                           code="body_timeout", headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def model_inputs(self, plan: ChatPlan) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -350,10 +370,13 @@ class _Server:
                input_ids: list[int], deadline: float) -> tuple[Job, asyncio.Queue]:
         """Queue the request for the worker; its events arrive, in batches, on the returned queue."""
         loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = _Mailbox(loop)
         events: asyncio.Queue = asyncio.Queue()
+        mailbox = self.mailbox
 
         def emit(batch: list) -> None:  # called from the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, batch)
+            mailbox.post(events, batch)
 
         job = Job(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=input_ids,
                   image_tokens=self.image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline,
@@ -443,27 +466,31 @@ class _Server:
                 try:
                     batch = await _next_events(job, events, None)
                 except APIError as e:
-                    yield _event(e.body())
+                    yield _event(e.body()) + "data: [DONE]\n\n"
                     break
-                finished = False
+                while not events.empty():  # a client that reads slower than tokens come gets them in one write
+                    batch += events.get_nowait()
+                finished, out = False, []
                 for event in batch:
                     if isinstance(event, TextDelta):
-                        yield chunk(event.index, {"content": event.text}, logprobs=event.logprobs)
+                        out.append(chunk(event.index, {"content": event.text}, logprobs=event.logprobs))
                     elif isinstance(event, ChoiceEnd):
-                        yield chunk(event.index, {}, event.finish_reason)
+                        out.append(chunk(event.index, {}, event.finish_reason))
                     elif isinstance(event, Failed):
                         last = event
-                        yield _event(APIError(event.status, event.message, code=event.code).body())
+                        out.append(_event(APIError(event.status, event.message, code=event.code).body()))
                         finished = True
                     elif isinstance(event, Completed):
                         last = event
                         completion = sum(c.tokens for c in event.choices)
                         if plan.include_usage:
-                            yield _event({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
+                            out.append(_event({**base, "choices": [], "usage": _usage(prompt_tokens, completion)}))
                         finished = True
                 if finished:
+                    yield "".join(out) + "data: [DONE]\n\n"
                     break
-            yield "data: [DONE]\n\n"
+                if out:
+                    yield "".join(out)
         finally:
             job.cancelled.set()  # the client went away (or the stream ended): stop the work
             self.ended(entry, job, last, prompt_tokens)
@@ -485,6 +512,32 @@ class _Server:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # waiting for the worker
+
+
+class _Mailbox:
+    """Events from the worker thread to the event loop. The worker posts one list per request and step; one wake-up
+    of the loop carries everything posted since the last, instead of one wake-up per request and step (a batch of
+    64 streams would wake the loop 64 times a step)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, list]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, batch: list) -> None:
+        with self._lock:
+            self._items.append((queue, batch))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, batch in items:
+            queue.put_nowait(batch)
 
 
 async def _next_events(job: Job, events: asyncio.Queue, watcher: asyncio.Future | None) -> list:

@@ -13,11 +13,19 @@ How a chat becomes an InstructBLIP input:
 Decoding, per request:
 - no `temperature` (and no `num_beams`): InstructBLIP's recommended settings, as `instructblip ask`: beam search
   (`--num-beams`, 5) for plain requests, greedy for `stream: true`; with `n` > 1, the n best beams.
-- `temperature: 0`: greedy (`n` > 1 returns n copies); `temperature` > 0 (or `top_p` alone): sampling.
-- extra fields (the OpenAI client's `extra_body`): `num_beams`, `repetition_penalty` (default `--repetition-penalty`,
-  1.5), `length_penalty`, `min_tokens`, `top_k`, `no_repeat_ngram_size`.
+- `temperature` below 1e-5 (`SAMPLING_EPSILON`, vLLM's), 0 included: greedy (`n` > 1 returns n copies); dividing
+  the scores by a smaller one overflows them. Above it (or `top_p` alone): sampling.
+- extra fields (the OpenAI client's `extra_body`): `num_beams`, `repetition_penalty` (in (0, 10]; default
+  `--repetition-penalty`, 1.5), `length_penalty` (in [-10, 10]: beam scores divide by length ** length_penalty, which
+  stays finite in float32 for any length up to 7,000 tokens), `min_tokens`, `top_k`, `no_repeat_ngram_size`.
 - the settings become a `generation.GenerationConfig`, checked by its `validate()` (a 400 naming the field), and run
   on the same token iterator as `generate`.
+
+Reading the body (`parse_request`) is strict where Python's `json` is lenient: the body must be UTF-8; NaN and
+Infinity (which `json` accepts) are refused, and so are numbers that overflow to infinity (1e999) and integers of
+more than 4,300 digits; nesting deeper than Python's recursion limit is a 400, not a crash; a string that holds a lone
+UTF-16 surrogate ("\\ud800", which no tokenizer can encode) is a 400 naming its field. Every float field must be
+finite and within its range; `seed` is an integer in [0, 2**63).
 - `max_tokens` / `max_completion_tokens` (default `--max-tokens`), `stop` (up to 4 strings; the text is cut before
   the first), `seed` (sampling), `n`, `stream`, `stream_options.include_usage`.
 - `logprobs` / `top_logprobs` (up to 20): each generated token's log-probability under the model (the log-softmax
@@ -35,6 +43,7 @@ Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -49,6 +58,9 @@ MAX_STOP = 4
 MAX_STOP_LENGTH = 256
 MAX_BEAMS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_REPETITION_PENALTY = 10.0
+MAX_LENGTH_PENALTY = 10.0
+SAMPLING_EPSILON = 1e-5  # a temperature below this decodes greedily (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -79,6 +91,7 @@ class ServerConfig:
     image_fetch_timeout: float = 5.0
     image_workers: int = 4  # images decoded at once
     log_format: Literal["text", "json"] = "text"  # each request's log line: key=value text or a JSON object
+    max_running_requests: int = 128  # API requests in progress (reading, waiting, decoding) before a 503
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,12 +121,25 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error (`APIError.body`), for the OpenAPI document."""
+
+    error: ErrorDetail
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the request (fields the OpenAI client sends; unknown ones are ignored; numbers are not coerced from strings)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class ImageURL(_Strict):
@@ -153,7 +179,7 @@ class _Settings(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -162,8 +188,8 @@ class _Settings(_Strict):
     user: str | None = None
     # InstructBLIP's own settings (`extra_body`)
     num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS)
-    repetition_penalty: float | None = Field(None, gt=0)
-    length_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    length_penalty: float | None = Field(None, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)
     min_tokens: int | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=0)
     no_repeat_ngram_size: int | None = Field(None, ge=0)
@@ -200,17 +226,67 @@ class CompletionRequest(_Settings):
 
 def parse_request(body: bytes, schema: type[_Settings] = ChatRequest) -> _Settings:
     """The body as a `schema` (ChatRequest or CompletionRequest), or a 400 naming the field."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("the body must be a JSON object")
+    data = parse_json(body)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         param, message = _validation_message(e)
         raise bad_request(f"{param}: {message}" if param else message, param=param) from None
+
+
+def parse_json(body: bytes) -> dict:
+    """The body as a JSON object, read strictly (see the module docstring); a 400 otherwise."""
+    try:
+        text = body.decode("utf-8")
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise bad_request("the body is not valid JSON: it is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN, integers past Python's 4,300 digits
+        reason = "an integer has more than 4,300 digits" if "integer string conversion" in str(e) else e
+        raise bad_request(f"the body is not valid JSON: {reason}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object")
+    if _ESCAPED_SURROGATE.search(text):  # only an escape can make one: the body decoded as strict UTF-8
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise bad_request(f"{where}: the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                              "which is not Unicode; send the character itself or a complete surrogate pair",
+                              param=where, code="invalid_unicode")
+    return data
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where ("messages.0.content") the first string (or key) holding a lone surrogate is, or None. A loop rather
+    than recursion: the nesting is as deep as the body makes it."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _encodable(value):
+            return path
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                if not _encodable(key):
+                    return where.encode("utf-8", "backslashreplace").decode()
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "ImageURL", "TextPart", "ImagePart", "Message", "StreamOptions"}
@@ -363,7 +439,7 @@ def generation_config(req: ChatRequest | CompletionRequest, config: ServerConfig
         raise bad_request(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long", param="stop")
     n = req.n or 1
     if req.temperature is not None:
-        do_sample = req.temperature > 0
+        do_sample = req.temperature >= SAMPLING_EPSILON
     else:
         do_sample = req.top_p is not None
     if req.num_beams is not None:

@@ -139,6 +139,13 @@ class Job:
         return time.monotonic() > self.deadline
 
 
+# While a batch runs, waiting requests are admitted in groups: once a quarter of the slots are free, or every
+# ADMIT_INTERVAL steps. Each admission costs an image-encoder call, a prefill and a copy of the running batch's cache,
+# whatever its size, and images encode several times faster per image in a batch (docs/performance.md, "Serving").
+ADMIT_FRACTION = 4
+ADMIT_INTERVAL = 8
+
+
 class QueueFull(Exception):
     """The queue holds `max_queue` requests already."""
 
@@ -214,6 +221,7 @@ class Scheduler:
         self.steps = 0  # decoding steps of the running batch
         self.joins = 0  # admission groups that joined a running batch
         self.preemptions = 0  # requests put back to wait: none (a request keeps its rows until it ends)
+        self._admitted_at_step = 0
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -305,6 +313,9 @@ class Scheduler:
                         break
                     self._cond.wait(left)
             room = self.max_batch_size - self.running
+            if not idle and room < max(1, self.max_batch_size // ADMIT_FRACTION) and (
+                    self.steps - self._admitted_at_step < ADMIT_INTERVAL):
+                return []  # a few slots free: wait a few steps for more to free, and admit them as one group
             taken: list[Job] = []
             tokens = len(self._rows) + sum(group.search.B * group.search.K for group in self._beams)  # rows a step runs
             while self._queue and len(taken) < room:
@@ -318,6 +329,8 @@ class Scheduler:
                 job.admitted_at = time.monotonic()
                 taken.append(job)
                 tokens += 0 if beam else len(job.input_ids)
+        if taken:
+            self._admitted_at_step = self.steps
         return [job for job in taken if self._still_wanted(job)]
 
     def _still_wanted(self, job: Job) -> bool:

@@ -372,6 +372,12 @@ class _Reader:
 # Loading
 
 
+def check_weights(directory: str) -> None:
+    """CheckpointError (or OSError) unless `directory` holds weights whose headers read, every shard present; no
+    tensor data is read (`instructblip serve` checks this before loading)."""
+    _Reader(directory)
+
+
 def _resolve_dtype(dtype, reader: _Reader, device: torch.device) -> torch.dtype:
     if dtype is None:  # our default: fp32 on CPU (half precision is slow there), the stored dtype elsewhere
         stored = reader.first_float_dtype() or torch.float32
