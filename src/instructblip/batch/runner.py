@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from instructblip.batch.loader import Plan, RecordStream, make_loader
+from instructblip.batch.loader import RecordStream, make_loader
 from instructblip.batch.records import OutputIndex, check_output, cut_torn_tail, input_kind
 from instructblip.batch.shards import (
     Dist,
@@ -38,7 +39,7 @@ class BatchConfig:
     batch_size: int = 8  # records per forward pass
     num_workers: int = 0  # processes decoding images ahead of the model (0: the main process does it)
     retry_failed: bool = False  # answer again the records whose last output line is an error
-    progress: bool = True  # a progress bar on stderr, when it is a terminal (rank 0 only)
+    progress: bool = True  # a progress bar on stderr, when it is a terminal (rank 0, all ranks' records)
     model: str | None = None  # None: the model shipped inside
     device: str = "auto"
     dtype: str = "auto"
@@ -88,20 +89,94 @@ def _run(config: BatchConfig, place: Dist, log) -> Summary:
     who = f"rank {place.rank} of {place.world}: " if place.world > 1 else ""
     retried = " (failed ones retried)" if config.retry_failed else ""
     log(f"{who}{plan.records} records, {plan.done} already answered in {config.output}, {plan.todo} to do{retried}")
-    answered, failed = _answer_all(config, place, stream, plan, mine) if plan.todo else (0, 0)
+    # the work of all ranks, and each part file's size before anyone writes (the progress bar counts lines past it)
+    sizes = [0] * place.world
+    sizes[place.rank] = os.path.getsize(mine) if os.path.exists(mine) else 0
+    todo_all, *sizes = all_sum(place, [plan.todo, *sizes])
+    bar = Progress(config, place, todo_all, sizes)
+    try:
+        answered, failed = _answer_all(config, place, stream, mine, bar) if plan.todo else (0, 0)
+        bar.wait_for_others()  # every rank has finished its part: rank 0 may merge
+    finally:
+        bar.close()
     failed += plan.failed_before
-    totals = all_sum(place, [plan.records, plan.done, answered, failed])
-    summary = Summary(*totals)
-    barrier(place)  # every rank has finished its part: rank 0 may merge
+    summary = Summary(*all_sum(place, [plan.records, plan.done, answered, failed]))
     if place.rank == 0 and part_files(config.output):
         summary.merged = merge(config.output).parts
     return summary
 
 
-def _answer_all(config: BatchConfig, place: Dist, stream: RecordStream, plan: Plan, path: str) -> tuple[int, int]:
-    """Load the model and answer this rank's records into `path`: (answered, failed)."""
-    from tqdm import tqdm
+class Progress:
+    """tqdm's bar (records/s, ETA) on rank 0 for the records of all ranks: its own as it writes them, the other
+    ranks' read off the growth of their part files (new bytes only; a shared file system, as the merge needs).
+    Shown when stderr is a terminal (or INSTRUCTBLIP_PROGRESS=1) and not --no-progress; other ranks stay quiet."""
 
+    POLL = 0.5  # seconds between looks at the other ranks' part files
+
+    def __init__(self, config: BatchConfig, place: Dist, total: int, sizes: list[int]):
+        self.place = place
+        terminal = sys.stderr.isatty() or os.environ.get("INSTRUCTBLIP_PROGRESS") == "1"
+        self.shown = config.progress and terminal and place.rank == 0 and total > 0
+        self.bar = None
+        if self.shown:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                print("(no progress bar: pip install tqdm)", file=sys.stderr)
+                self.shown = False
+            else:
+                self.bar = tqdm(total=total, unit="rec", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+        # the other ranks' part files: path -> bytes already counted
+        self.others = {part_path(config.output, r, place.world): sizes[r] for r in range(1, place.world)}
+        self.last_poll = 0.0
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self._poll()
+
+    def _poll(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.others or (not force and now - self.last_poll < self.POLL):
+            return
+        self.last_poll = now
+        lines = 0
+        for path, offset in self.others.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            cut = data.rfind(b"\n") + 1  # whole lines only; a line being written is counted next time
+            lines += data.count(b"\n", 0, cut)
+            self.others[path] = offset + cut
+        self.bar.update(lines)
+
+    def wait_for_others(self) -> None:
+        """The barrier before the merge; rank 0 keeps its bar moving while the other ranks finish."""
+        if self.place.world <= 1:
+            return
+        import torch.distributed as dist
+
+        if self.bar is None:
+            barrier(self.place)
+            return
+        work = dist.barrier(async_op=True)
+        while not work.is_completed():
+            time.sleep(self.POLL)
+            self._poll()
+        work.wait()
+        self._poll(force=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _answer_all(config: BatchConfig, place: Dist, stream: RecordStream, path: str, bar: Progress
+                ) -> tuple[int, int]:
+    """Load the model and answer this rank's records into `path`: (answered, failed)."""
     from instructblip.api import load
 
     device = config.device
@@ -114,10 +189,6 @@ def _answer_all(config: BatchConfig, place: Dist, stream: RecordStream, plan: Pl
                quantize_vision=config.quantize_vision)
     stream.preprocess = vlm.processor.image_processor.preprocess_one  # small: goes to the workers, not the model
     loader = make_loader(stream, config.batch_size, config.num_workers)
-    terminal = sys.stderr.isatty() or os.environ.get("INSTRUCTBLIP_PROGRESS") == "1"
-    show = config.progress and place.rank == 0 and terminal
-    bar = tqdm(total=plan.todo, unit="rec", disable=not show, dynamic_ncols=True, file=sys.stderr,
-               desc=f"rank 0 of {place.world}" if place.world > 1 else None)
     answered = failed = 0
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -132,7 +203,6 @@ def _answer_all(config: BatchConfig, place: Dist, stream: RecordStream, plan: Pl
             bar.update(len(lines))
     finally:
         os.close(fd)
-        bar.close()
     return answered, failed
 
 
