@@ -3,10 +3,13 @@
     import ray
     from instructblip.batch import InstructBlipPredictor
 
-    ds = ray.data.read_json("records.jsonl")                   # columns id, image, instruction
+    ds = ray.data.read_json("records.jsonl", lines=True)       # columns id, image, instruction
     answers = ds.map_batches(InstructBlipPredictor, fn_constructor_kwargs={"model": None, "base_dir": "/data"},
-                             concurrency=4, batch_size=8, num_cpus=1)   # num_gpus=1 on GPU nodes
+                             compute=ray.data.ActorPoolStrategy(size=4), batch_size=8,
+                             num_cpus=1)                        # num_gpus=1 on GPU nodes
     answers.write_json("answers/")                             # columns id, image, instruction, answer, error
+
+Each actor holds a CPU (or a GPU) for as long as the pool lives: leave the reading some, or read with num_cpus=0.
 
 `instructblip batch INPUT -o OUT --ray [ADDRESS]` does the same from the command line: Ray reads the input
 (read_json or read_parquet, on the cluster), the records the output holds are dropped, and the driver appends each
@@ -16,6 +19,7 @@ readable where the actors run (a shared file system on a real cluster).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
@@ -86,6 +90,11 @@ def _objects(values: list) -> np.ndarray:
     return array
 
 
+def _present(value) -> bool:
+    """None comes back from Ray as None, or as NaN where a column was all None."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 class _Unanswered:
     """A `map_batches` function that drops the rows the output holds (keeps failed ones with `retry_failed`)."""
 
@@ -124,18 +133,20 @@ def run_ray(config: BatchConfig, address: str | None, actors: int = 1, log=None)
     if not ray.is_initialized():
         ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
     path = os.path.abspath(config.input)
-    if kind == "jsonl":
-        ds = ray.data.read_json(path, lines=True)
+    # reading takes no CPU of its own: the actors hold one CPU each, and a read waiting for a free CPU would wait
+    # for ever when there are as many actors as CPUs (the decoding is the actors' work)
+    if kind == "jsonl":  # any file name: `instructblip batch` does not ask for .jsonl
+        ds = ray.data.read_json(path, lines=True, file_extensions=None, num_cpus=0)
     elif kind == "parquet":
-        ds = ray.data.read_parquet(path)
+        ds = ray.data.read_parquet(path, file_extensions=None, num_cpus=0)
     else:
         ds = ray.data.from_items([{"id": name, "image": os.path.join(path, name)} for name in image_names(path)])
     ds = ds.map_batches(_Unanswered(index, config.retry_failed), batch_format="numpy")
     kwargs = {"model": config.model, "device": config.device, "dtype": config.dtype, "quantize": config.quantize,
               "quantize_vision": config.quantize_vision, "base_dir": os.path.dirname(path) if kind != "folder"
               else path, "instruction": config.instruction, "generation": config.generation}
-    ds = ds.map_batches(InstructBlipPredictor, fn_constructor_kwargs=kwargs, concurrency=actors,
-                        batch_size=config.batch_size, batch_format="numpy", num_cpus=1)
+    ds = ds.map_batches(InstructBlipPredictor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(
+        size=actors), batch_size=config.batch_size, batch_format="numpy", num_cpus=1)
     log(f"{len(index)} records already in {config.output}; the rest on Ray with {actors} model actor(s)")
     answered = failed = 0
     fd = os.open(config.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -143,7 +154,7 @@ def run_ray(config: BatchConfig, address: str | None, actors: int = 1, log=None)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             columns = {name: values.tolist() for name, values in batch.items()}
             for i in range(len(columns["id"])):
-                row = {name: values[i] for name, values in columns.items() if values[i] is not None}
+                row = {name: values[i] for name, values in columns.items() if _present(values[i])}
                 write_line(fd, output_line(row))
                 failed += "error" in row
                 answered += "error" not in row
