@@ -1,6 +1,6 @@
 """Throughput of `instructblip batch` with the built-in model on the easy-vqa test images.
 
-    python benchmarks/batch_throughput.py [--records 600] [--reps 3] [--batch-size 8] [--max-new-tokens 8]
+    python benchmarks/batch_throughput.py [--records 240] [--reps 3] [--batch-size 8] [--max-new-tokens 8]
 
 Two comparisons, each run as the command a user types, in a fresh process, the variants taking turns, `--reps`
 times each, into a fresh output (nothing to resume):
@@ -11,8 +11,9 @@ times each, into a fresh output (nothing to resume):
    `--nproc_per_node 1` (one process, torch's default threads); the merged outputs must hold the same answers.
 
 The time is the whole command's wall-clock time (start-up, model load, the run, the merge); records/s divides the
-records by it. To tell where the time goes, it also measures, in this process, decoding and preprocessing every
-image once, and answering the records from already-decoded pixels (the model alone).
+records by it. A run during which this process was stopped or starved for over a second is done again. To tell
+where the time goes, it also measures, in this process, decoding and preprocessing every image once, and
+answering the records from already-decoded pixels (the model alone).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -42,13 +44,27 @@ def records(n: int) -> list[dict]:
             for i in range(0, step * n, step)]
 
 
-def timed(command: list[str], env: dict) -> float:
+def timed(command: list[str], env: dict) -> float | None:
+    """The command's wall-clock seconds, or None when this process was stopped or starved for over a second
+    meanwhile (a shared machine: someone else's timing, a SIGSTOP), so that the run is done again."""
+    ticks = {"last": time.monotonic(), "gap": 0.0, "run": True}
+
+    def watch() -> None:
+        while ticks["run"]:
+            time.sleep(0.1)
+            now = time.monotonic()
+            ticks["gap"], ticks["last"] = max(ticks["gap"], now - ticks["last"]), now
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     start = time.perf_counter()
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    ticks["run"] = False
+    watcher.join()
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({out.returncode}):\n{out.stderr[-2000:]}")
-    return seconds
+    return None if ticks["gap"] > 1.0 else seconds
 
 
 def answers(path: str) -> dict:
@@ -83,11 +99,13 @@ def summary(name: str, seconds: list[float], n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=600)
+    parser.add_argument("--records", type=int, default=240)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--skip", choices=["workers", "torchrun"], action="append", default=[])
+    parser.add_argument("--pause-while", metavar="PATH", default=None,
+                        help="before each run, wait while PATH exists (a shared machine's sign that someone is timing)")
     args = parser.parse_args()
 
     rows = records(args.records)
@@ -106,10 +124,16 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
         def run(name: str, command: list[str], rep: int) -> float:
-            out = os.path.join(tmp, f"{name}-{rep}.jsonl")
-            seconds = timed([*command, source, "-o", out, *generation], env)
-            outputs.setdefault(name, answers(out))
-            return seconds
+            for attempt in range(5):
+                while args.pause_while and os.path.exists(args.pause_while):
+                    time.sleep(5)
+                out = os.path.join(tmp, f"{name}-{rep}-{attempt}.jsonl")
+                seconds = timed([*command, source, "-o", out, *generation], env)
+                outputs.setdefault(name, answers(out))
+                if seconds is not None:
+                    return seconds
+                print(f"rep {rep} {name}: stalled, again", file=sys.stderr, flush=True)
+            raise SystemExit("five runs in a row stalled: the machine is too busy to measure")
 
         outputs: dict[str, dict] = {}
         variants = {}
@@ -133,6 +157,8 @@ def main() -> None:
                 report[f"speedup {other} / {base}"] = {
                     "median": round(statistics.median(times[base]) / statistics.median(times[other]), 2),
                     "range": [round(ratios[0], 2), round(ratios[-1], 2)]}
+    while args.pause_while and os.path.exists(args.pause_while):
+        time.sleep(5)
     report["in_process"] = in_process(rows, args.batch_size, {"num_beams": 1, "max_new_tokens": args.max_new_tokens})
     print(json.dumps(report, indent=2))
 

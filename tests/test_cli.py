@@ -92,7 +92,8 @@ def test_batch_writes_every_record_once_and_reports_bad_ones(ckpt, images, tmp_p
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = run("batch", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl", "--model", ckpt,
               "--max-new-tokens", 4, "--batch-size", 3)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # some records failed
+    assert "4 of 9 records failed" in out.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     by_id = {r["id"]: r for r in rows}
     assert len(rows) == len(by_id) == 9
@@ -102,7 +103,7 @@ def test_batch_writes_every_record_once_and_reports_bad_ones(ckpt, images, tmp_p
     assert "nope.jpg" in by_id["missing-file"]["error"]
     assert "error" in by_id["corrupt"]
     again = run("batch", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl", "--model", ckpt)
-    assert again.returncode == 0 and "0 to do" in again.stderr
+    assert again.returncode == 1 and "0 to do" in again.stderr  # the failed ones are not retried without the flag
 
 
 def test_batch_over_a_folder(ckpt, images, tmp_path):
@@ -143,7 +144,7 @@ def test_batch_resumes_after_sigkill(ckpt, images, tmp_path):
     (["ask", "{corrupt}", "What?"], 2, "truncated|corrupt|broken"),
     (["ask", "{image}", "What?", "--model", "no/such-model"], 2, "no/such-model"),
     (["ask", "{image}", "What?", "--num-beams", "0"], 2, "--num-beams must be at least 1"),
-    (["batch", "{badjsonl}", "--output", "{out}"], 0, None),
+    (["batch", "{badjsonl}", "--output", "{out}"], 1, "1 of 1 records failed"),
     (["info", "{tmp}"], 2, "not a model checkpoint|config.json"),
     (["ask", "{image}", "What?", "--quantize", "int8", "--device", "cuda"], 2, "--quantize runs on the CPU only"),
 ])
@@ -160,13 +161,14 @@ def test_bad_input_gives_one_line_and_the_right_status(ckpt, images, tmp_path, a
     out = run(*argv)
     assert out.returncode == status, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr
-    if message:
+    if argv[0] == "batch":  # the bad line is written with its error, and counted
+        assert "error" in json.loads((tmp_path / "out.jsonl").read_text())
+        assert message in out.stderr
+    else:
         import re
 
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and re.search(message, lines[0]), lines
-    else:
-        assert "error" in json.loads((tmp_path / "out.jsonl").read_text())
 
 
 def test_info_and_help(ckpt):
