@@ -125,6 +125,28 @@ def test_device_map_per_part_and_torch_dtype(ckpt):
         Model.from_pretrained(ckpt, device_map={"": "disk"})
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_map_splits_the_model_over_devices(ckpt, photo_path):
+    """The vision side on the GPU, the language model on the CPU (or the second GPU): the forward pass and generate
+    move the activations between them and give what one device gives."""
+    import instructblip
+    from instructblip import InstructBlipForConditionalGeneration as Model
+
+    other = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    split = Model.from_pretrained(ckpt, device_map={"vision_model": 0, "query_tokens": 0, "qformer": 0,
+                                                    "language_projection": other, "language_model": other})
+    assert split.vision_model.patch_embed.weight.device.type == "cuda"
+    assert str(split.language_model.lm_head.weight.device) == other
+    plain = Model.from_pretrained(ckpt)
+    processor = instructblip.InstructBlipProcessor.from_pretrained(ckpt)
+    inputs = processor(images=Image.open(photo_path), text="What is this?", return_tensors="pt")
+    torch.testing.assert_close(split(**inputs, decoder_input_ids=torch.tensor([[0, 5]])).logits.cpu(),
+                               plain(**inputs, decoder_input_ids=torch.tensor([[0, 5]])).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(split.generate(**inputs.to("cuda:0"), max_new_tokens=5).cpu(),
+                       plain.generate(**inputs.to("cpu"), max_new_tokens=5))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The pipeline
 

@@ -389,16 +389,14 @@ _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
 
 
 def _stored_on_hub(model: str, directory: str, revision: str | None) -> str:
-    """The dtype a hub checkpoint is stored in, from its safetensors headers (range requests: no weights read)."""
+    """The dtype a hub checkpoint is stored in, from its safetensors headers (range requests: no weights read);
+    CheckpointNotFoundError when they cannot be read."""
     from instructblip.files import read_json
-    from instructblip.hub import CheckpointNotFoundError, safetensors_headers
+    from instructblip.hub import safetensors_headers
 
     index = read_json(os.path.join(directory, "model.safetensors.index.json"), missing_ok=True)
     files = sorted(set(index.get("weight_map", {}).values())) or ["model.safetensors"]
-    try:
-        tensors, read = safetensors_headers(model, files, revision=revision)
-    except CheckpointNotFoundError as e:
-        return f"unknown (the safetensors headers could not be read: {e})"
+    tensors, read = safetensors_headers(model, files, revision=revision)
     dtypes = [info["dtype"] for key, info in tensors.items() if key != "query_tokens"]
     floating = [d for d in dtypes if d in _DTYPE_NAMES]
     stored = _DTYPE_NAMES[floating[0]] if floating else "unknown"
@@ -409,7 +407,7 @@ def cmd_info(argv: list[str]) -> int:
     import torch
 
     from instructblip.api import default_model_dir
-    from instructblip.hub import resolve_config_dir
+    from instructblip.hub import CheckpointNotFoundError, resolve_config_dir
     from instructblip.modeling import InstructBlipForConditionalGeneration
     from instructblip.models.config import InstructBlipConfig
     from instructblip.weights.checkpoint import CheckpointError, _Reader
@@ -429,11 +427,13 @@ def cmd_info(argv: list[str]) -> int:
     try:
         stored = str(_Reader(directory).first_float_dtype()).removeprefix("torch.")  # from the files' headers
     except CheckpointError:  # the weights are not here: a hub id's headers, or what the config says
+        said = config.extra.get("torch_dtype", config.extra.get("dtype", "unknown"))
+        stored = f"{said} (from config.json; the weights are not here)"
         if args.model is not None and not os.path.exists(args.model):
-            stored = _stored_on_hub(args.model, directory, args.revision)
-        else:
-            said = config.extra.get("torch_dtype", config.extra.get("dtype", "unknown"))
-            stored = f"{said} (from config.json; the weights are not here)"
+            try:
+                stored = _stored_on_hub(args.model, directory, args.revision)
+            except CheckpointNotFoundError as e:
+                stored = f"{said} (from config.json; the safetensors headers could not be read: {e})"
     text = config.text_config
     print(f"model:      {directory}")
     print(f"LLM:        {text.model_type} ({'encoder-decoder' if text.is_encoder_decoder else 'decoder-only'}), "
@@ -632,7 +632,7 @@ def train_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING and "default" not in help_text:  # shown once
             help_text += f" (default: {f.default})"
         hint = field_types()[f.name]
         if typing.get_origin(hint) is list:
