@@ -66,7 +66,7 @@ def unlike_easyvqa(image: Any) -> str | None:
         pixels = np.stack([pixels] * 3, axis=-1)
     height, width = pixels.shape[:2]
     if max(height, width) > 256:
-        return f"it is {width}x{height} pixels (easy-vqa's are 64x64)"
+        return f"{width}x{height} pixels; easy-vqa's are 64x64"
     flat = pixels[..., :3].reshape(-1, 3).astype(np.int64)
     pale = float((flat.min(1) >= 200).mean())
     if pale < 0.5:

@@ -333,8 +333,8 @@ def warn_unlike_easyvqa(paths: list[str], command: str) -> None:
         except Exception:  # an unreadable image fails later with its own message
             continue
         if reason:
-            print(f"instructblip {command}: warning: {path} is not an easy-vqa picture ({reason}), so the built-in "
-                  f"model's answer is unreliable; use --model {EXAMPLE_CHECKPOINT} or another checkpoint",
+            print(f"instructblip {command}: warning: {path} is not an easy-vqa picture ({reason}): the built-in "
+                  f"model's answer about it is unreliable; use --model {EXAMPLE_CHECKPOINT} or another checkpoint",
                   file=sys.stderr)
 
 
