@@ -127,8 +127,9 @@ class InstructBlipProcessor:
         A `config.json` without `image_token_index` marks a legacy checkpoint (no `<image>` tokens).
 
         transformers' keywords (`PROCESSOR_KEYWORDS`; any other raises TypeError): `revision`, `token`, `cache_dir`,
-        `local_files_only` (the hub cache, `instructblip.hub`) and `use_fast` (accepted either way: the tokenizers
-        are always the `tokenizers` library's, whose ids equal both of transformers' tokenizer classes')."""
+        `local_files_only` (the hub cache, `instructblip.hub`) and `use_fast` (accepted either way: transformers picks a
+        tokenizer class or an image-processor backend with it; ours has one tokenizer, the `tokenizers` library's,
+        whose ids equal transformers', and one image processor, equal to transformers' PIL backend)."""
         from instructblip.hub import resolve_checkpoint_dir
         from instructblip.models.config import CONFIG_NAME
 
