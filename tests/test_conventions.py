@@ -79,8 +79,18 @@ def test_documented_snippet_with_hub_keywords_gives_todays_tokens(ckpt, hub_cach
     assert torch.equal(tokens, today)
 
 
-def test_hub_keywords_fail_clearly(hub_cache):
+def test_hub_keywords_fail_clearly(hub_cache, tmp_path):
     from instructblip import CheckpointNotFoundError, InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from instructblip.hub import resolve_checkpoint_dir, resolve_config_dir
+
+    # what `instructblip info` leaves in the cache (the JSON files, a shard index among them) is not a checkpoint
+    snapshot = tmp_path / "hub" / "models--org--json-only" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"}}')
+    assert resolve_config_dir("org/json-only", cache_dir=tmp_path / "hub", local_files_only=True) == str(snapshot)
+    with pytest.raises(CheckpointNotFoundError, match="not in the local Hugging Face cache"):
+        resolve_checkpoint_dir("org/json-only", cache_dir=tmp_path / "hub", local_files_only=True)
 
     with pytest.raises(CheckpointNotFoundError, match="local_files_only.*hf download tiny-org/instructblip-tiny "
                                                       "--revision v9"):

@@ -3,14 +3,17 @@
     instructblip ask IMAGE "instruction" [--model M] [generation flags]
     instructblip caption IMAGE [IMAGE...]
     instructblip batch INPUT.jsonl|FOLDER --output OUT.jsonl [--instruction TEXT]
-    instructblip info [M]
+    instructblip info [M] [--revision R]
     instructblip convert-lavis --lavis-checkpoint X.pth --vision eva_vit_g.pth --llm DIR --out DIR
     instructblip train [CONFIG.yaml] [--key value ...]        (torchrun-ready)
     instructblip eval --model M --benchmark gqa --data DIR | --all --data DIR | --list
     instructblip serve [--model M] [--host 127.0.0.1] [--port 8000] ...
 
-`train`, `eval` and `serve` have parsers of their own (`instructblip serve --help`), built here too: this file holds
-every command's flags; the library modules take plain arguments and configs.
+    instructblip --version
+
+Every command has a parser of its own (`instructblip serve --help`), built here: this file holds every command's
+flags; the library modules take plain arguments and configs. A mistyped flag gets the command's usage and the
+closest flag; `--help` shows each default once.
 
 User errors (a missing file, something that is not an image, an unknown model, bad flags) print one line and exit
 with status 2; failures while running exit with status 1. Set INSTRUCTBLIP_DEBUG=1 to see tracebacks.

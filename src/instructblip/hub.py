@@ -21,7 +21,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # what a model directory needs; tokenizer files are fetched too so the processor finds them
 _ALLOW = ["*.json", "*.safetensors", "*.model", "*.txt", "qformer_tokenizer/*"]
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -37,9 +38,20 @@ def hub_cache(cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def _complete(snapshot: str, need_weights: bool) -> bool:
+    """Whether `snapshot` holds a config and, if `need_weights`, its weights (every shard an index names)."""
     if not os.path.isfile(os.path.join(snapshot, "config.json")):
         return False
-    return not need_weights or any(os.path.isfile(os.path.join(snapshot, name)) for name in _WEIGHTS)
+    if not need_weights or any(os.path.isfile(os.path.join(snapshot, name)) for name in _WEIGHTS):
+        return True
+    for name in _INDEXES:
+        try:
+            with open(os.path.join(snapshot, name), encoding="utf-8") as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if shards and all(os.path.isfile(os.path.join(snapshot, shard)) for shard in shards):
+            return True
+    return False
 
 
 def _cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
