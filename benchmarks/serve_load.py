@@ -14,10 +14,13 @@ after it (TPOT), end to end (e2e). Throughput: requests and tokens per second fr
 answer. A lone request's TTFT (the continuous server, idle, the same kinds of requests one at a time) is the yardstick
 for TTFT under load.
 
+`--in-process N` also times the two schedulers without HTTP (N requests queued at once, in a process of its own on
+either tree), to tell the scheduler's share from the server's.
+
 Models: `builtin` is the easy-vqa model shipped in the package (the default of `serve`); `random` a larger random
 model built here (ViT 12L/384 on 224/14, Q-Former 4L/384, LLaMA 4L/512 with a 32k vocabulary, 32 query tokens; the
 tokenizer files from tests/assets.py). Both servers run with their defaults but for the queue, connection and
-request caps raised to 4096 (nothing is turned away) and a vision cache of 0.
+request caps raised to 4096 (nothing is turned away) and a vision cache of 0 (of 64 with `--image-pool`).
 """
 
 from __future__ import annotations
@@ -86,10 +89,10 @@ def baseline_tree(ref: str, directory: str) -> str:
     return os.path.join(directory, "src")
 
 
-def start_server(model: str | None, source: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, source: str, extra: list[str], cache: int = 0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "instructblip", "serve", "--port", str(port), "--served-model-name", "bench",
-           "--vision-cache-size", "0", "--max-queue", "4096", "--max-connections", "4096", "--max-tokens-limit",
+           "--vision-cache-size", str(cache), "--max-queue", "4096", "--max-connections", "4096", "--max-tokens-limit",
            "1024", "--log-level", "warning", *extra]
     if model is not None:
         cmd += ["--model", model]
@@ -127,10 +130,12 @@ def images(n: int, seed: int) -> list[str]:
 
 
 def workload(clients: int, per_client: int, rate: float, lengths: tuple[int, int], seed: int,
-             stream_share: float = 1.0) -> list[dict]:
-    """The requests of one run: arrival time (s from the start), answer length, image, question."""
+             stream_share: float = 1.0, pool: int = 0) -> list[dict]:
+    """The requests of one run: arrival time (s from the start), answer length, image, question. `pool`: the images
+    are drawn from this many (0: each request its own)."""
     rng = random.Random(seed)
-    urls = images(clients * per_client, seed)
+    n = clients * per_client
+    urls = images(n, seed) if not pool else [rng.choice(images(pool, seed)) for _ in range(n)]
     out = []
     for _client in range(clients):
         t = 0.0
@@ -223,8 +228,12 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--lengths", type=int, nargs=2, default=[8, 256], help="answer lengths, log-uniform")
     parser.add_argument("--lone", type=int, default=6, help="lone requests for the TTFT yardstick")
+    parser.add_argument("--image-pool", type=int, default=0,
+                        help="draw the images from this many, vision cache on (0: every request its own, cache off)")
     parser.add_argument("--stream-share", type=float, default=1.0,
                         help="share of the requests that stream (the others ask for the whole answer)")
+    parser.add_argument("--in-process", type=int, default=0, metavar="N",
+                        help="also time the two schedulers without HTTP, N requests queued at once (0: not)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting, the servers taking turns")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--write", default=None, help="add the report to this markdown file (RESULTS.md)")
@@ -256,6 +265,53 @@ def main() -> None:
         write_text(args.write, head + f"\n## Serving under load (serve_load.py)\n\n{text}" + rest)
 
 
+# The scheduler alone, without HTTP: every request queued at once, in a process of its own on either tree (the Job
+# and Scheduler interfaces are the same in both), so that the server's per-request costs (HTTP, JSON, image decoding,
+# the event loop's share of the interpreter) do not hide what the scheduling itself gains.
+IN_PROCESS = """
+import json, math, random, sys, threading, time
+import numpy as np, torch, instructblip
+from instructblip.serving.scheduler import Completed, Job, Scheduler
+from instructblip.generation.config import GenerationConfig
+model, n, low, high, seed = json.loads(sys.argv[1])
+vlm = instructblip.load(model)
+proc = vlm.processor
+rng = np.random.default_rng(seed)
+encoded = []
+for _ in range(16):
+    e = proc(images=[rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)], text=["What color is it?"],
+             return_tensors=None)
+    encoded.append((torch.from_numpy(e["pixel_values"][0]), e["qformer_input_ids"][0], e["input_ids"][0]))
+r = random.Random(seed)
+lengths = [round(math.exp(r.uniform(math.log(low), math.log(high)))) for _ in range(n)]
+s = Scheduler(vlm.model, proc, vision_cache=None, max_queue=n + 1)
+s.start()
+done = threading.Semaphore(0)
+def emit(events):
+    for e in events:
+        if isinstance(e, Completed):
+            done.release()
+image_tokens = proc.num_query_tokens if proc.insert_image_tokens else 0
+start = time.perf_counter()
+for i, length in enumerate(lengths):
+    pv, q, ids = encoded[i % len(encoded)]
+    s.submit(Job(pixel_values=pv, qformer_input_ids=q, input_ids=ids, image_tokens=image_tokens, emit=emit,
+                 params=GenerationConfig(max_new_tokens=length, min_new_tokens=length)))
+for _ in lengths:
+    done.acquire()
+wall = time.perf_counter() - start
+s.stop()
+print(json.dumps({"rps": n / wall, "tps": sum(lengths) / wall}))
+"""
+
+
+def in_process(model: str | None, source: str, n: int, lengths: tuple[int, int], seed: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": source}
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS, json.dumps([model, n, *lengths, seed])], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def longest_answer(model: str | None, wanted: int) -> int:
     """`wanted`, or less where the model's context leaves less room after a prompt (64 positions kept for it)."""
     directory = model or os.path.join(REPO, "src", "instructblip", "default_model")
@@ -269,8 +325,13 @@ def report(model_name: str, model: str | None, sources: dict, args) -> list[str]
     lengths = (args.lengths[0], longest_answer(model, args.lengths[1]))
     # the baseline had no cap on requests in progress (its connection cap, above, played that part)
     extra = {"continuous": ["--max-running-requests", "4096"], "rounds": []}
-    servers = {label: start_server(model, source, extra[label]) for label, source in sources.items()}
+    cache = 64 if args.image_pool else 0  # a pool of images: the vision cache (serve's default size) finds them
     runs: dict[tuple[str, int], list[dict]] = {}
+    alone: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats if args.in_process else 0):  # before the servers start: a quiet machine
+        for label, source in sources.items():
+            alone.setdefault(label, []).append(in_process(model, source, args.in_process, lengths, repeat))
+    servers = {label: start_server(model, source, extra[label], cache) for label, source in sources.items()}
     try:
         for _, base in servers.values():  # warm-up
             asyncio.run(run_load(base, workload(2, 1, 50.0, (8, 16), seed=999)))
@@ -282,7 +343,7 @@ def report(model_name: str, model: str | None, sources: dict, args) -> list[str]
             for _ in range(args.repeats):
                 seed += 1
                 requests = workload(clients, args.requests_per_client, args.rate_per_client, lengths, seed,
-                                    args.stream_share)
+                                    args.stream_share, args.image_pool)
                 for label, (_, base) in servers.items():  # taking turns: both see the same machine
                     runs.setdefault((label, clients), []).append(summary(asyncio.run(run_load(base, requests))))
     finally:
@@ -314,6 +375,14 @@ def report(model_name: str, model: str | None, sources: dict, args) -> list[str]
         out.append(f"- {clients} clients: throughput {span(ratios)}x the round scheduler's (target 1.5x: "
                    f"{'PASS' if min(ratios) >= 1.5 else 'FAIL'}); p99 TTFT {span(ttft, digits=1)}x a lone request's "
                    f"(target 3x: {'PASS' if max(ttft) <= 3 else 'FAIL'})")
+    if alone:
+        new, old = alone["continuous"], alone["rounds"]
+        out.append(f"- The scheduler alone (no HTTP; {args.in_process} requests queued at once, 16 images, "
+                   f"{args.repeats} runs each): continuous {span([r['rps'] for r in new], digits=1)} req/s "
+                   f"({span([r['tps'] for r in new], digits=0)} tokens/s), rounds "
+                   f"{span([r['rps'] for r in old], digits=1)} req/s "
+                   f"({span([r['tps'] for r in old], digits=0)} tokens/s): "
+                   f"{span([a['rps'] / b['rps'] for a, b in zip(new, old, strict=True)])}x")
     return out + [""]
 
 

@@ -21,7 +21,7 @@ PACKAGE = "instructblip"
 # The top-level modules and subpackages of `instructblip`, lowest layer first. A module may import its own layer
 # and the layers below, within the exceptions that follow.
 LAYERS: dict[str, int] = {
-    "files": 0, "hub": 0,
+    "files": 0, "hub": 0, "progress": 0,
     "models": 1,
     "weights": 2, "processing": 2, "accel": 2,
     "generation": 3,
@@ -38,7 +38,8 @@ UNCHECKED = ("__init__",)
 ALLOWED: dict[tuple[str, str], str] = {
     ("training", "instructblip.evaluation.metrics"): "validation scores answers with the benchmarks' metrics",
     ("evaluation", "instructblip.api"): "the eval runner loads models through api.load",
-    ("serving", "instructblip.api"): "the server loads its model through api.load",
+    ("serving", "instructblip.api"): "the server loads its model through api.load and decides sampling by the rule "
+                                     "`instructblip ask` follows (api.samples)",
     ("batch", "instructblip.api"): "batch inference loads its model through api.load",
     ("__main__", "instructblip.cli"): "`python -m instructblip` exists to run the CLI",
 }

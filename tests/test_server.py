@@ -41,13 +41,14 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 
 
 @contextlib.contextmanager
-def live(app):
-    """Run `app` with uvicorn in a thread on a free loopback port; yields the base URL."""
+def live(app, **config):
+    """Run `app` with uvicorn (extra `uvicorn.Config` settings in `config`) in a thread on a free loopback port;
+    yields the base URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -10,13 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-from test_server import MODEL, body, data_url
+from test_server import MODEL, body, data_url, live
 from tiny_checkpoint import make_full_checkpoint
 
 import instructblip
@@ -28,25 +27,8 @@ from instructblip.serving.connections import HTTPProtocol
 def running(app, max_connections: int = 512, header_timeout: float = 10.0):
     """`app` under uvicorn with the server's HTTP protocol (connection cap, header timeout), in a thread on a free
     loopback port; yields the port."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
-                            http=HTTPProtocol.factory(max_connections, header_timeout))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with live(app, http=HTTPProtocol.factory(max_connections, header_timeout)) as base:
+        yield int(base.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ tiny model served live on loopback, a known sequence of requests, and the counts
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -19,6 +17,7 @@ import pytest
 from assets import encode, photo
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from test_server import live
 from tiny_checkpoint import make_full_checkpoint
 
 import instructblip
@@ -30,28 +29,6 @@ from instructblip.serving.metrics import Metrics
 MODEL = "tiny"
 CHAT = "/v1/chat/completions"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@contextlib.contextmanager
-def live(app):
-    """Run `app` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def scrape(base: str) -> dict[tuple[str, tuple], float]:

@@ -90,7 +90,7 @@ def test_progress_bar_only_on_a_tty_or_when_asked(tmp_path, capsys):
     logger.progress(5, 2.0, 1e-5, 11.0, force_line=False)
     logger.close()
     err = capsys.readouterr().err
-    assert err.startswith("\r") and "[##########..........] step 5/10 | loss 2.0000" in err
+    assert "training" in err and "5/10" in err and "loss 2.0000 | lr 1e-05" in err  # a tqdm bar
     Logger(config, enabled=False, start_step=0).progress(1, 1.0, 1.0, 1.0, force_line=True)  # ranks > 0: silent
     assert capsys.readouterr().err == ""
 

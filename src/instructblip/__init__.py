@@ -1,10 +1,10 @@
 """InstructBLIP in plain PyTorch, speaking the Hugging Face checkpoint layout.
 
-The public names match transformers' (`InstructBlipConfig`, `InstructBlipForConditionalGeneration`, ...), so code
-written for transformers runs with only its import line changed.
+The public names match transformers' (`InstructBlipConfig`, `InstructBlipForConditionalGeneration`, `pipeline`, ...),
+so code written for transformers runs with only its import line changed.
 """
 
-from instructblip.api import InstructBlip, load
+from instructblip.api import InstructBlip, load, pipeline
 from instructblip.hub import CheckpointNotFoundError
 from instructblip.modeling import InstructBlipForConditionalGeneration, InstructBlipModel
 from instructblip.models.config import (
@@ -34,6 +34,7 @@ __all__ = [
     "InstructBlipProcessor",
     "Tokenizer",
     "load",
+    "pipeline",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",

@@ -29,6 +29,7 @@ from instructblip.batch.shards import (
     part_files,
     part_path,
 )
+from instructblip.progress import wanted
 
 
 @dataclass
@@ -109,14 +110,14 @@ def _run(config: BatchConfig, place: Dist, log) -> Summary:
 class Progress:
     """tqdm's bar (records/s, ETA) on rank 0 for the records of all ranks: its own as it writes them, the other
     ranks' read off the growth of their part files (new bytes only; a shared file system, as the merge needs).
-    Shown when stderr is a terminal (or INSTRUCTBLIP_PROGRESS=1) and not --no-progress; other ranks stay quiet."""
+    Shown as `instructblip.progress` decides (stderr a terminal, INSTRUCTBLIP_PROGRESS, --no-progress); other ranks
+    stay quiet."""
 
     POLL = 0.5  # seconds between looks at the other ranks' part files
 
     def __init__(self, config: BatchConfig, place: Dist, total: int, sizes: list[int]):
         self.place = place
-        terminal = sys.stderr.isatty() or os.environ.get("INSTRUCTBLIP_PROGRESS") == "1"
-        self.shown = config.progress and terminal and place.rank == 0 and total > 0
+        self.shown = place.rank == 0 and total > 0 and wanted(config.progress)
         self.bar = None
         if self.shown:
             try:

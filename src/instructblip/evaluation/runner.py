@@ -46,6 +46,7 @@ from instructblip.evaluation.tasks import (
     paper_row,
     read_frames,
 )
+from instructblip.progress import progress_bar
 
 DEFAULT_OUTPUT = "eval_results"
 DEFAULT_BATCH_SIZE = 8
@@ -265,7 +266,8 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
     todo = [s for s in samples if s.id not in done]
     batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
     mine = batches[rank::world]
-    start, last_report, n_done = time.time(), time.time(), 0
+    start = time.time()
+    bar = progress_bar(len(todo), bench.name, unit="sample", enabled=progress and rank == 0)
     fd = os.open(predictions_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if predictions_path else None
     new: dict[str, dict] = {}
     try:
@@ -275,12 +277,9 @@ def evaluate(model: Any, benchmark: str | Benchmark, data_dir: str | os.PathLike
                 new[sample.id] = line
                 if fd is not None:
                     _write_line(fd, line)
-            n_done += len(batch)
-            if progress and rank == 0 and time.time() - last_report > 10:
-                last_report = time.time()
-                rate = n_done / (last_report - start)
-                print(f"{bench.name}: {n_done * world}/{len(todo)} samples ({rate * world:.2f}/s)", file=sys.stderr)
+            bar.update(len(batch) * world)  # the others' batches are as large, but for the last
     finally:
+        bar.close()
         if fd is not None:
             os.close(fd)
 

@@ -98,18 +98,21 @@ class InstructBlipNetwork(nn.Module):
         else:
             vision = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        output_hidden_states=output_hidden_states)
-        image_embeds = vision.last_hidden_state  # (B, 1 + patches, D_vision)
+        # each step's inputs go to the device of the part that reads them (a no-op unless a device_map splits it)
+        device = self.qformer.word_embeddings.weight.device
+        image_embeds = vision.last_hidden_state.to(device)  # (B, 1 + patches, D_vision)
         B = image_embeds.shape[0]
-        queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, D_qformer)
+        queries = self.query_tokens.to(device).expand(B, -1, -1)  # (B, Q, D_qformer)
         mask = None
         if qformer_input_ids is not None:
             if qformer_input_ids.shape[0] != B:
                 raise ValueError(
                     f"{B} images but {qformer_input_ids.shape[0]} Q-Former instructions; pass one instruction per image"
                 )
+            qformer_input_ids = qformer_input_ids.to(device)
             if qformer_attention_mask is not None:
-                ones = torch.ones(B, queries.shape[1], dtype=qformer_attention_mask.dtype,
-                                  device=qformer_attention_mask.device)
+                qformer_attention_mask = qformer_attention_mask.to(device)
+                ones = torch.ones(B, queries.shape[1], dtype=qformer_attention_mask.dtype, device=device)
                 mask = torch.cat([ones, qformer_attention_mask], dim=1)  # (B, Q + T): every query is valid
         qformer = self.qformer(
             input_ids=qformer_input_ids,
@@ -119,7 +122,8 @@ class InstructBlipNetwork(nn.Module):
             output_hidden_states=output_hidden_states,
         )
         query_output = qformer.last_hidden_state[:, : queries.shape[1]]  # (B, Q, D_qformer)
-        features = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        weight = self.language_projection.weight
+        features = self.language_projection(query_output.to(weight.device, weight.dtype))
         return ImageFeaturesOutput(pooler_output=features, vision_outputs=vision, qformer_outputs=qformer)
 
     def merge_image_features(
@@ -130,15 +134,20 @@ class InstructBlipNetwork(nn.Module):
         inputs_embeds: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Put the image features (B, Q, D) into the prompt embeddings. Returns (inputs_embeds, attention_mask)."""
+        device = self.get_input_embeddings().weight.device  # the language model's (it may differ from the vision's)
+        if input_ids is not None:
+            input_ids = input_ids.to(device)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (the tokenized prompt) or inputs_embeds")
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds = inputs_embeds.to(device)
         B, L, _ = inputs_embeds.shape
         if image_features.shape[0] != B:
             raise ValueError(f"{image_features.shape[0]} images but {B} prompts; pass one prompt per image")
         if attention_mask is None:
-            attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=device)
+        attention_mask = attention_mask.to(device)
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         token = self.config.image_token_index
         if token is None:  # legacy: prepend
@@ -202,6 +211,9 @@ class InstructBlipNetwork(nn.Module):
                 if labels is None:
                     raise ValueError("a T5 model needs decoder_input_ids or labels")
                 decoder_input_ids = lm.shift_right(labels)
+            decoder_input_ids = decoder_input_ids.to(embeds.device)
+            if decoder_attention_mask is not None:
+                decoder_attention_mask = decoder_attention_mask.to(embeds.device)
             hidden = lm.decode(decoder_input_ids, encoder_hidden, mask, decoder_attention_mask)
             out.encoder_last_hidden_state = encoder_hidden
         else:

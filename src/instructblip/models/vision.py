@@ -94,8 +94,9 @@ class InstructBlipVisionModel(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}")
         B, _, H, W = pixel_values.shape
-        dtype = self.patch_embed.weight.dtype
-        patches = self.patch_embed(pixel_values.to(dtype)).flatten(2).transpose(1, 2)  # (B, P, D)
+        weight = self.patch_embed.weight  # the pixels come to this encoder's device (a device_map may split a model)
+        dtype = weight.dtype
+        patches = self.patch_embed(pixel_values.to(weight.device, dtype)).flatten(2).transpose(1, 2)  # (B, P, D)
         cls = self.class_embedding.to(dtype).expand(B, 1, -1)
         x = torch.cat([cls, patches], dim=1)  # (B, 1 + P, D)
         return x + self.position_embeddings(H, W, interpolate_pos_encoding).to(dtype)

@@ -33,6 +33,8 @@ QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 IMAGE_TOKEN = "<image>"
 # text options that, when written in the LLM tokenizer's config, become call defaults (transformers' _merge_kwargs)
 _TEXT_OPTIONS = ("add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side")
+# what `from_pretrained` takes besides the path: the hub's keywords and transformers' tokenizer choice
+PROCESSOR_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "use_fast")
 _IMAGE_OPTIONS = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                   "image_std", "do_convert_rgb", "max_image_pixels")
 
@@ -118,15 +120,25 @@ class InstructBlipProcessor:
     # Loading and saving
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> InstructBlipProcessor:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> InstructBlipProcessor:
         """Load from a checkpoint directory or hub id: LLM tokenizer files at the top, the Q-Former tokenizer in
         `qformer_tokenizer/`, the image settings in `preprocessor_config.json` (hub) or in `processor_config.json`
         (transformers 5.x `save_pretrained`), `num_query_tokens` from `processor_config.json` or `config.json`.
-        A `config.json` without `image_token_index` marks a legacy checkpoint (no `<image>` tokens)."""
+        A `config.json` without `image_token_index` marks a legacy checkpoint (no `<image>` tokens).
+
+        transformers' keywords (`PROCESSOR_KEYWORDS`; any other raises TypeError): `revision`, `token`, `cache_dir`,
+        `local_files_only` (the hub cache, `instructblip.hub`) and `use_fast` (accepted either way: transformers picks a
+        tokenizer class or an image-processor backend with it; ours has one tokenizer, the `tokenizers` library's,
+        whose ids equal transformers', and one image processor, equal to transformers' PIL backend)."""
         from instructblip.hub import resolve_checkpoint_dir
         from instructblip.models.config import CONFIG_NAME
 
-        directory = resolve_checkpoint_dir(path)
+        unknown = sorted(set(kwargs) - set(PROCESSOR_KEYWORDS))
+        if unknown:
+            raise TypeError(f"InstructBlipProcessor.from_pretrained() got unexpected keyword argument(s) "
+                            f"{', '.join(unknown)}; it takes {', '.join(PROCESSOR_KEYWORDS)}")
+        kwargs.pop("use_fast", None)
+        directory = resolve_checkpoint_dir(pretrained_model_name_or_path, **kwargs)
         qformer_dir = os.path.join(directory, QFORMER_TOKENIZER_DIR)
         if not os.path.isdir(qformer_dir):
             raise FileNotFoundError(f"{directory} has no {QFORMER_TOKENIZER_DIR}/ directory (the Q-Former tokenizer)")

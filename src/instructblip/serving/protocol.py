@@ -13,7 +13,7 @@ How a chat becomes an InstructBLIP input:
 Decoding, per request:
 - no `temperature` (and no `num_beams`): InstructBLIP's recommended settings, as `instructblip ask`: beam search
   (`--num-beams`, 5) for plain requests, greedy for `stream: true`; with `n` > 1, the n best beams.
-- `temperature` below 1e-5 (`SAMPLING_EPSILON`, vLLM's), 0 included: greedy (`n` > 1 returns n copies); dividing
+- `temperature` below 1e-5 (`api.SAMPLING_EPSILON`, vLLM's), 0 included: greedy (`n` > 1 returns n copies); dividing
   the scores by a smaller one overflows them. Above it (or `top_p` alone): sampling.
 - extra fields (the OpenAI client's `extra_body`): `num_beams`, `repetition_penalty` (in (0, 10]; default
   `--repetition-penalty`, 1.5), `length_penalty` (in [-10, 10]: beam scores divide by length ** length_penalty, which
@@ -50,6 +50,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from instructblip.api import samples
 from instructblip.generation.config import ANSWER, GenerationConfig
 from instructblip.processing.templates import CAPTION_PROMPT
 
@@ -60,7 +61,6 @@ MAX_BEAMS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_REPETITION_PENALTY = 10.0
 MAX_LENGTH_PENALTY = 10.0
-SAMPLING_EPSILON = 1e-5  # a temperature below this decodes greedily (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -438,10 +438,7 @@ def generation_config(req: ChatRequest | CompletionRequest, config: ServerConfig
     if any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
         raise bad_request(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long", param="stop")
     n = req.n or 1
-    if req.temperature is not None:
-        do_sample = req.temperature >= SAMPLING_EPSILON
-    else:
-        do_sample = req.top_p is not None
+    do_sample = samples(req.temperature, req.top_p)  # the rule `instructblip ask` follows too
     if req.num_beams is not None:
         num_beams = req.num_beams
     elif do_sample or req.temperature is not None or req.stream or logprobs:

@@ -141,7 +141,8 @@ class Job:
 
 # While a batch runs, waiting requests are admitted in groups: once a quarter of the slots are free, or every
 # ADMIT_INTERVAL steps. Each admission costs an image-encoder call, a prefill and a copy of the running batch's cache,
-# whatever its size, and images encode several times faster per image in a batch (docs/performance.md, "Serving").
+# whatever its size, and a small image encoder runs up to twice as fast per image in a batch (docs/performance.md,
+# "Serving").
 ADMIT_FRACTION = 4
 ADMIT_INTERVAL = 8
 

@@ -85,15 +85,18 @@ class TrainConfig:
         for name in ("warmup_steps", "num_workers", "val_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        choices = {"balance": ("sqrt", "size", "uniform"), "device": ("auto", "cpu", "cuda"),
-                   "precision": ("auto", "fp32", "bf16", "fp16")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (self.train_qformer or self.train_vision or self.train_language_model):
             raise ValueError("nothing to train: train_qformer, train_vision and train_language_model are all false")
+
+
+# the fields with a fixed set of values (the command line offers them as choices)
+CHOICES = {"balance": ("sqrt", "size", "uniform"), "device": ("auto", "cpu", "cuda"),
+           "precision": ("auto", "fp32", "bf16", "fp16")}
 
 
 def _as_list(value: Any) -> list:

@@ -60,6 +60,7 @@ from instructblip.modeling import InstructBlipForConditionalGeneration
 from instructblip.models.config import InstructBlipConfig
 from instructblip.models.instructblip import IGNORE_INDEX
 from instructblip.processing.processor import InstructBlipProcessor
+from instructblip.progress import progress_bar
 from instructblip.training.checkpointing import (
     data_fingerprint,
     load_checkpoint,
@@ -639,7 +640,9 @@ class Logger:
     def __init__(self, config: TrainConfig, enabled: bool, start_step: int):
         self.enabled = enabled
         self.config = config
-        self.bar = enabled and (config.progress if config.progress is not None else sys.stderr.isatty())
+        # a bar when stderr is a terminal (`progress: true`: always; false or --no-progress: never)
+        self.bar = progress_bar(config.max_steps, "training", unit="step", initial=start_step,
+                                enabled=enabled and config.progress is not False, force=bool(config.progress))
         self.tb = None
         self.start_time = time.time()
         self.start_step = start_step
@@ -663,9 +666,7 @@ class Logger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            if self.bar:
-                print("\r\033[K", end="", file=sys.stderr)
-            print(message, file=sys.stderr, flush=True)
+            self.bar.write(message)  # above the bar, when one is drawn
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -686,15 +687,13 @@ class Logger:
         eta = elapsed / max(done, 1) * (total - step)
         text = (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.3g} | {samples_per_s:.1f} samples/s | "
                 f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
-        if self.bar:
-            width = 20
-            filled = int(width * step / total)
-            print(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {text}", end="", file=sys.stderr, flush=True)
+        if not self.bar.disable:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(text.split(" | ", 1)[1])
         elif force_line:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.bar:
-            print(file=sys.stderr)
+        self.bar.close()
         if self.tb is not None:
             self.tb.close()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from instructblip.files import write_json
 from instructblip.hub import resolve_checkpoint_dir
 from instructblip.models.config import CONFIG_NAME, ConfigError, InstructBlipConfig, LlamaConfig, T5Config
+from instructblip.progress import progress_bar
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -378,10 +379,10 @@ def check_weights(directory: str) -> None:
     _Reader(directory)
 
 
-def _resolve_dtype(dtype, reader: _Reader, device: torch.device) -> torch.dtype:
+def _resolve_dtype(dtype, reader: _Reader, devices: list[torch.device]) -> torch.dtype:
     if dtype is None:  # our default: fp32 on CPU (half precision is slow there), the stored dtype elsewhere
         stored = reader.first_float_dtype() or torch.float32
-        return torch.float32 if device.type == "cpu" else stored
+        return torch.float32 if all(d.type == "cpu" for d in devices) else stored
     if dtype == "auto":
         return reader.first_float_dtype() or torch.float32
     if isinstance(dtype, str):
@@ -414,10 +415,19 @@ def _skip_init():
             setattr(torch.nn.init, name, fn)
 
 
-def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipConfig | None = None,
-                    mmap_ok: bool = True,
-                    linear: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] | None = None):
+# the model's top-level parts, which a device map may put on different devices
+PARTS = ("vision_model", "query_tokens", "qformer", "language_projection", "language_model")
+
+
+def load_pretrained(cls, path, dtype=None, device: str | torch.device | dict[str, torch.device] = "cpu",
+                    config: InstructBlipConfig | None = None, mmap_ok: bool = True,
+                    linear: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] | None = None,
+                    progress: bool = True):
     """Build `cls` (InstructBlipModel or InstructBlipForConditionalGeneration) from an HF-layout directory.
+
+    `device`: one device for the whole model, or a device per top-level part (`PARTS`: each tensor goes to its
+    part's device, so the vision encoder and the language model can sit on different GPUs).
+    `progress`: a progress bar by bytes on stderr while reading (`instructblip.progress`: a terminal only).
 
     `linear`: per top-level part ("language_model", "vision_model"), what builds each of its linear layers from the
     weight and bias as soon as both are read (e.g. an int8 layer: quantizing while loading), so that the part never
@@ -438,8 +448,11 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
     reader = _Reader(directory)
-    device = torch.device(device)
-    dtype = _resolve_dtype(dtype, reader, device)
+    if isinstance(device, dict):
+        devices = {part: torch.device(device[part]) for part in PARTS}
+    else:
+        devices = dict.fromkeys(PARTS, torch.device(device))
+    dtype = _resolve_dtype(dtype, reader, list(devices.values()))
 
     # A head is tied when the config says so and the files bring no separate lm_head (transformers 5.x writes
     # tie_word_embeddings: true for every T5 but keeps Flan-T5's own lm_head in the files).
@@ -474,15 +487,19 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InstructBlipCon
         setattr(model.get_submodule(parent), child, layer)
 
     state = {}
+    total = sum(_nbytes(tensor_dtype(e.ours, dtype), tuple(targets[e.ours])) for e in entries)
+    bar = progress_bar(total, f"loading {os.path.basename(os.path.normpath(directory))}", unit="B", enabled=progress)
     for entry in entries:
         # (a layer `linear` builds is read, not mapped: mapped pages touched would stay resident while loading)
-        state[entry.ours] = _read_entry(entry, targets[entry.ours], dtype, device, reader,
+        state[entry.ours] = _read_entry(entry, targets[entry.ours], dtype, devices[entry.ours.split(".")[0]], reader,
                                         mmap_ok and entry.ours not in owner)
+        bar.update(_nbytes(tensor_dtype(entry.ours, dtype), tuple(targets[entry.ours])))
         name = owner.get(entry.ours)
         if name is not None:
             built.setdefault(name, {})[entry.ours] = state.pop(entry.ours)
             if set(built[name]) == pending[name]:
                 build(name)
+    bar.close()
     if built:  # internal invariant: every weight of a built layer is in the map
         raise AssertionError(f"layers left half-read: {sorted(built)[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
@@ -494,14 +511,14 @@ def _read_entry(entry: Entry, shape: torch.Size, dtype: torch.dtype, device: tor
                 mmap_ok: bool) -> Tensor:
     """One of our tensors from the files: mapped when stored as it will be used (CPU), else read into place (a fused
     tensor's parts stacked along dim 0, the legacy q/v biases joined with zeros)."""
-    tensor_dtype = torch.float32 if entry.ours == "query_tokens" else dtype  # as transformers' keep-in-fp32
+    wanted = tensor_dtype(entry.ours, dtype)
     key = entry.parts[0]
     if (mmap_ok and device.type == "cpu" and entry.rows is None and key in reader.where
-            and reader.dtype(key) == tensor_dtype):  # stored as it will be used: map the file, copy nothing
+            and reader.dtype(key) == wanted):  # stored as it will be used: map the file, copy nothing
         tensor = reader.mapped(key)
         if tensor is not None:
             return tensor
-    out = torch.empty(shape, dtype=tensor_dtype, device=device)
+    out = torch.empty(shape, dtype=wanted, device=device)
     legacy = _legacy_qkv_bias(entry)
     if entry.parts[0] not in reader.where and legacy:  # q_bias | zeros | v_bias
         width = shape[0] // 3
@@ -515,6 +532,10 @@ def _read_entry(entry: Entry, shape: torch.Size, dtype: torch.dtype, device: tor
             reader.read_into(key, out[start:start + rows] if entry.rows is not None else out)
             start += rows
     return out
+
+
+def tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name == "query_tokens" else dtype  # as transformers' keep-in-fp32
 
 
 def _legacy_qkv_bias(entry: Entry) -> tuple[str, str] | None:
