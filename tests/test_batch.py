@@ -106,7 +106,8 @@ def test_torchrun_with_a_killed_rank_finishes_on_rerun_with_the_single_process_a
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "already answered" in rerun.stderr and "merged 2 part files" in rerun.stderr
-    todo = sum(int(m) for m in re.findall(r"rank \d of 2: .* (\d+) to do", rerun.stderr))
+    todo = sum(int(m) for m in re.findall(r"rank \d of 2: \d+ records, \d+ already answered in \S+, (\d+) to do",
+                                          rerun.stderr))
     assert 0 < todo < n and f"{todo}/{todo}" in rerun.stderr, rerun.stderr
     rows = read_jsonl(output)
     assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(n))  # each id exactly once
@@ -230,6 +231,9 @@ def test_workers_parquet_and_progress_give_the_same_answers(tmp_path, capsys, mo
                        "--batch-size", "3")
     assert code == 0, pooled
     assert "rec/s" in pooled and "10/10" in pooled  # tqdm's bar, forced on without a terminal
+    from instructblip import progress
+
+    monkeypatch.setattr(progress, "_disabled", False)  # --no-progress turns bars off for the process: undone after
     code, quiet = cli(capsys, tmp_path / "in.jsonl", "-o", tmp_path / "quiet.jsonl", *GREEDY, "--no-progress")
     assert code == 0 and "rec/s" not in quiet
     assert answers(tmp_path / "pooled.jsonl") == answers(tmp_path / "plain.jsonl")

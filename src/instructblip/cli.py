@@ -499,6 +499,7 @@ def cmd_convert_lavis(argv: list[str]) -> int:
 def cmd_batch(argv: list[str]) -> int:
     """Exit status 0 when every record of the output is answered, 1 when some failed (their lines carry an error)."""
     from instructblip.batch import BatchConfig, merge, run
+    from instructblip.batch.runner import check
     from instructblip.batch.shards import part_files
 
     args = batch_parser().parse_args(argv)
@@ -520,7 +521,9 @@ def cmd_batch(argv: list[str]) -> int:
         model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
         quantize_vision=args.quantize_vision, generation=_generation(args, "batch"),
     )
-    builtin_notice(args.model, "batch")
+    check(config)  # the paths and numbers, before the notice and before any model loads
+    if int(os.environ.get("RANK", "0")) == 0:
+        builtin_notice(args.model, "batch")
     if args.ray is not None:
         from instructblip.batch.ray_predictor import run_ray
 

@@ -71,13 +71,19 @@ def check(config: BatchConfig) -> None:
 def run(config: BatchConfig, log=None) -> Summary:
     """Answer what the output lacks; under torchrun this rank's share, then rank 0 merges. `log`: one-line messages
     (default: stderr)."""
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    log = log or _log
     check(config)
     place = init_distributed()
     try:
         return _run(config, place, log)
     finally:
         close_distributed(place)
+
+
+def _log(text: str) -> None:
+    # one write per line: the ranks share stderr, and print's two writes (text, newline) interleave
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _run(config: BatchConfig, place: Dist, log) -> Summary:
