@@ -93,16 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("ask", help="answer an instruction about an image",
-                       description="Answer an instruction about an image.")
-    p.add_argument("image", help="image file")
+    p = sub.add_parser("ask", help="answer an instruction about an image (or a video)",
+                       description="Answer an instruction about an image, or a video (4 frames sampled uniformly).")
+    p.add_argument("image", help="image or video file")
     p.add_argument("instruction", help='e.g. "What is unusual about this image?"')
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (greedy/sampling)")
     _model_flags(p)
     _generation_flags(p, ANSWER)
 
     p = sub.add_parser("caption", help="describe one or more images", description="Describe images.")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image (or video) files")
     p.add_argument("--prompt", default=CAPTION_PROMPT, help="the captioning instruction")
     _model_flags(p)
     _generation_flags(p, CAPTION)
@@ -217,15 +217,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from instructblip.api import default_model_dir
     from instructblip.hub import resolve_config_dir
-    from instructblip.modeling import InstructBlipForConditionalGeneration
-    from instructblip.models.config import InstructBlipConfig
+    from instructblip.modeling import generation_class
+    from instructblip.models.config import load_config
     from instructblip.weights.checkpoint import CheckpointError, _Reader
     from instructblip.weights.memory import FLAGS, available_bytes, needed, rest_dtype, weight_bytes
 
     directory = resolve_config_dir(args.model or default_model_dir())  # a hub id: its JSON files, not the weights
-    config = InstructBlipConfig.from_pretrained(directory)
+    config = load_config(directory)  # InstructBLIP, BLIP-2 or InstructBLIP-Video: its model_type says
     with torch.device("meta"):
-        model = InstructBlipForConditionalGeneration(config)
+        model = generation_class(config)(config)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     parts = {"vision encoder": count(model.vision_model), "Q-Former + queries": count(model.qformer)
              + model.query_tokens.numel(), "projection": count(model.language_projection),
@@ -237,7 +237,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         said = config.extra.get("torch_dtype", config.extra.get("dtype", "unknown"))
         stored = f"{said} (from config.json; the weights are not here)"
     text = config.text_config
-    print(f"model:      {directory}")
+    print(f"model:      {directory} ({config.model_type})")
     print(f"LLM:        {text.model_type} ({'encoder-decoder' if text.is_encoder_decoder else 'decoder-only'}), "
           f"vocabulary {text.vocab_size}")
     print(f"images:     {config.vision_config.image_size}x{config.vision_config.image_size}, "
@@ -650,7 +650,7 @@ def check_model(model: str | None) -> None:
     model, a config or weights file that cannot be read): a UsageError naming the problem and the fix."""
     from instructblip.api import default_model_dir
     from instructblip.hub import CheckpointNotFoundError, resolve_checkpoint_dir
-    from instructblip.models.config import ConfigError, InstructBlipConfig
+    from instructblip.models.config import ConfigError, load_config
     from instructblip.weights.checkpoint import CheckpointError, check_weights
 
     fix = "pass --model a directory holding config.json and model.safetensors, or a hub id"
@@ -661,7 +661,7 @@ def check_model(model: str | None) -> None:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise UsageError(f"--model {model}: {directory} is not a model directory (it has no config.json); {fix}")
     try:
-        InstructBlipConfig.from_pretrained(directory)
+        load_config(directory)
         check_weights(directory)
     except (ConfigError, CheckpointError) as e:
         raise UsageError(f"--model {model}: {e}; {fix}") from None
