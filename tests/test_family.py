@@ -491,3 +491,23 @@ def test_lavis_blip2_opt_conversion(family_checkpoints, tmp_path):
         t, o = theirs(**with_tokens).logits, ours(**without).logits
     valid = with_tokens["attention_mask"].bool()
     torch.testing.assert_close(o[valid], t[valid], atol=ATOL, rtol=0)
+
+
+def test_opt_rank_matches_transformers_log_likelihoods(family_checkpoints):
+    """Vocabulary ranking on BLIP-2 OPT: each candidate's score is the sum of its tokens' log-probabilities under
+    transformers' model, fed the prompt and the candidate."""
+    theirs, directory = family_checkpoints["blip2", "opt"]
+    ours = Blip2ForConditionalGeneration.from_pretrained(directory)
+    inputs = make_inputs("blip2", "opt", lengths=(5, 3))
+    candidates = [[11, 12], [40], [7, 8, 9]]
+    out = ours.rank(inputs, candidates)
+    for b in range(2):
+        for c, cand in enumerate(candidates):
+            ids = torch.cat([inputs["input_ids"][b:b + 1], torch.tensor([cand])], 1)
+            mask = torch.cat([inputs["attention_mask"][b:b + 1], torch.ones(1, len(cand), dtype=torch.long)], 1)
+            with torch.no_grad():
+                logp = theirs(pixel_values=inputs["pixel_values"][b:b + 1], input_ids=ids,
+                              attention_mask=mask).logits.log_softmax(-1)[0]
+            L = inputs["input_ids"].shape[1]
+            expected = sum(float(logp[L - 1 + i, t]) for i, t in enumerate(cand))
+            assert abs(float(out.scores[b, c]) - expected) < 1e-4, (b, c)

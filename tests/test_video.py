@@ -191,3 +191,59 @@ def test_blip2_opt_through_ask_matches_transformers(opt_ckpt):
         tokens = theirs.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
     expected = processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
     assert vlm.ask(image, question, **settings) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training and evaluation on BLIP-2: the config says what it is
+
+
+def test_training_blip2_keeps_the_qformer_free_of_instructions(tmp_path):
+    """`train` on a BLIP-2 checkpoint: the batches hold no Q-Former text, the Q-Former, queries and projection move,
+    the frozen parts do not, and the export loads in transformers with the same logits."""
+    import transformers
+    from train_helpers import color_image, one_thread, write_color_dataset
+
+    from instructblip import Blip2ForConditionalGeneration
+    from instructblip.training import TrainConfig, train
+
+    directory = make_family_checkpoint(tmp_path / "blip2", "blip2", "t5")
+    data = write_color_dataset(tmp_path / "data", 8, "colors")
+    config = TrainConfig(model=str(directory), train_data=[str(data)], output_dir=str(tmp_path / "run"), max_steps=3,
+                         global_batch_size=4, micro_batch_size=4, lr=1e-3, warmup_steps=1, num_workers=0,
+                         checkpoint_every=100, log_every=1, val_every=1000)
+    with one_thread():
+        result = train(config)
+    assert result.final_loss is not None and np.isfinite(result.final_loss)
+    before = Blip2ForConditionalGeneration.from_pretrained(directory).state_dict()
+    ours = Blip2ForConditionalGeneration.from_pretrained(result.export_dir).eval()
+    changed = {n for n, t in ours.state_dict().items() if not torch.equal(t, before[n])}
+    assert {"query_tokens", "language_projection.weight", "qformer.layers.0.qkv.weight"} <= changed
+    assert not any(n.startswith(("vision_model.layers", "language_model.")) for n in changed)
+    assert not (tmp_path / "run" / "model" / "qformer_tokenizer").exists()
+    theirs = transformers.Blip2ForConditionalGeneration.from_pretrained(result.export_dir).eval()
+    inputs = Blip2Processor.from_pretrained(result.export_dir)(images=color_image("red", 1), text="What colour?")
+    assert "qformer_input_ids" not in inputs
+    inputs["decoder_input_ids"] = torch.tensor([[0, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_evaluating_blip2_on_images_and_videos(tmp_path):
+    """`evaluate` (`instructblip eval --model <blip2>`) on an image benchmark and a video one: the prompts reach
+    the LLM, no instruction reaches the Q-Former, the videos go through the models' video path."""
+    from eval_fixtures import write_gqa, write_msvd
+
+    from instructblip.evaluation.runner import build_inputs, evaluate
+
+    directory = make_family_checkpoint(tmp_path / "blip2", "blip2", "opt")
+    vlm = instructblip.load(directory, device="cpu", dtype="float32")
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "msvd").mkdir()
+    gqa = evaluate(vlm, "gqa", write_gqa(tmp_path / "gqa"), batch_size=2, limit=2)
+    assert gqa["num_samples"] == 2 and 0 <= gqa["score"] <= 100
+    msvd = write_msvd(tmp_path / "msvd")
+    results = evaluate(vlm, "msvd-qa", msvd)
+    assert results["num_samples"] == 2
+    frames = [read_frames(p, 4) for p in sorted((msvd / "YouTubeClips").glob("*"))][:1]
+    inputs = build_inputs(vlm, frames, ["Question: what? Answer:"])
+    assert inputs["image_features"].shape[:2] == (1, 4 * NUM_QUERY_TOKENS) and "qformer_input_ids" not in inputs
