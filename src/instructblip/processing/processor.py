@@ -16,7 +16,8 @@ Videos (`videos=`, or `images=` for `InstructBlipVideoProcessor` as in transform
 `num_query_tokens` placeholder tokens, one block per frame. The family's processors differ in little:
 - `Blip2Processor` (BLIP-2): no Q-Former tokenizer and no `qformer_*` outputs (its Q-Former reads no instruction);
 - `InstructBlipVideoProcessor`: the placeholder is `<video>` (unless the checkpoint's config names `<image>`), and
-  `images` are videos.
+  `images` are videos. transformers writes 4 x Q placeholders whatever the number of frames (the model's count is
+  T x Q, so other counts fail there); here it is T x Q, the same for the paper's 4 frames.
 
 Text options follow transformers: `padding` (False, True/"longest", "max_length"), `truncation`, `max_length` (the
 Q-Former text gets `max_length`, the LLM text `max_length - num_query_tokens`, as in 5.x), `padding_side`. Keys of
