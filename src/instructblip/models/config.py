@@ -657,10 +657,10 @@ PRESETS: dict[str, dict] = {
                         text_config={**_FLAN_T5_TEXT, "d_model": 4096, "d_ff": 10240, "num_heads": 64}),
 }
 
-# BLIP-2 (hub config.json files of Salesforce/blip2-*, as re-saved by transformers with an image token): OPT's
-# vocabulary grows by `<image>` (50265) to 50266, padded to a multiple of 64; its eos is "\n" (50118), where BLIP-2
-# ends a caption. Flan-T5 takes `<image>` as 32100 within its 32128. The COCO-finetuned variants read 364-pixel
-# images (26 x 26 patches).
+# BLIP-2 (the Salesforce/blip2-* checkpoints, as transformers' conversion and its image-token update describe them;
+# the hub files could not be read here, see docs/checkpoints.md#parameter-counts): OPT's vocabulary grows by
+# `<image>` (50265) to 50266, padded to a multiple of 64; its eos is "\n" (50118), where BLIP-2 ends a caption.
+# Flan-T5 takes `<image>` as 32100 within its 32128. The COCO-finetuned variants read 364-pixel images (26 x 26).
 _OPT_TEXT = dict(
     model_type="opt", vocab_size=50304, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
     max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True, activation_function="relu",
