@@ -1,7 +1,10 @@
 """Configs as plain dataclasses, read from and written to the Hugging Face `config.json` layout.
 
 The field names and defaults are those of transformers (`InstructBlipVisionConfig`, `InstructBlipQFormerConfig`,
-`LlamaConfig`, `T5Config`, `InstructBlipConfig`), because hub files omit fields that equal their default.
+`LlamaConfig`, `T5Config`, `OPTConfig`, `InstructBlipConfig`, `Blip2Config`, `InstructBlipVideoConfig`), because hub
+files omit fields that equal their default. The composite's `model_type` says which model a checkpoint is
+(`load_config` picks the class): InstructBLIP, BLIP-2 (its Q-Former reads no instruction) or InstructBLIP-Video
+(the same network reading frames; its placeholder id is `video_token_index`).
 Quirks handled here (see docs/checkpoints.md#config-quirks):
 - LLaMA: transformers 5.x writes `rope_parameters: {rope_theta, rope_type}`, 4.x a top-level `rope_theta`.
 - T5: 5.x forces `tie_word_embeddings: true` and keeps the old meaning in `scale_decoder_outputs`; `gated-gelu`
