@@ -13,6 +13,8 @@ Workloads (issue 8):
   f   loading a checkpoint: time and peak memory (fresh processes; see load_memory.py)
   q   --quantize int8: greedy decoding as in b, ours in int8 against transformers in fp32, with the agreement of
       the int8 tokens with our fp32 tokens
+  o   greedy decoding of 64 new tokens, BLIP-2 with a small OPT (4 layers, width 512, vocab 32000), batch 1 and 8
+  v   InstructBLIP-Video: a 4-frame video (small vision side) answered with 16 greedy tokens, batch 1 and 4
 transformers builds each model and saves it; ours loads the checkpoint transformers saved. Each row prints median
 and min time, the ratio of the medians theirs/ours (> 1: we are faster), the achieved GFLOP/s (compute-bound rows)
 or GB/s of weights read per token (decode rows) at the best repetition, its fraction of the machine's peak (the
@@ -191,21 +193,32 @@ def alternate(ours, theirs, reps: int, warmup: int = 1, probe=None):
 # Models (random weights, built by transformers, loaded by ours from transformers' files)
 
 
-def build_pair(family: str, vit_g_size: bool = False, seed: int = 0):
-    """The benchmark's model pair: the small LLaMA or T5 below, with the real ViT-g + Q-Former or a tiny vision side."""
+def build_pair(family: str, vit_g_size: bool = False, seed: int = 0, kind: str = "instructblip"):
+    """The benchmark's model pair: the small LLaMA, T5 or OPT below, with the real ViT-g + Q-Former or a tiny vision
+    side; `kind` "instructblip", "blip2" or "video" (InstructBLIP-Video)."""
     import transformers
     from hf_oracle import randomize
 
     import instructblip
 
     torch.manual_seed(seed)
-    llama = family == "llama"
-    config = transformers.InstructBlipConfig(
-        vision_config=vit_g() if vit_g_size else small_vision(), qformer_config=qformer(small=not vit_g_size),
-        text_config=llama_text() if llama else t5_text(), num_query_tokens=32,
-        image_token_index=31999 if llama else 32100)
-    theirs = transformers.InstructBlipForConditionalGeneration(config)
-    if not llama:
+    llama = family in ("llama", "opt")
+    vision, q = vit_g() if vit_g_size else small_vision(), qformer(small=not vit_g_size)
+    text = {"llama": llama_text, "t5": t5_text, "opt": opt_text}[family]()
+    token = 31999 if llama else 32100
+    if kind == "blip2":
+        config = transformers.Blip2Config(vision_config=vision, qformer_config=q, text_config=text,
+                                          num_query_tokens=32, image_token_index=token)
+        theirs = transformers.Blip2ForConditionalGeneration(config)
+    elif kind == "video":
+        config = transformers.InstructBlipVideoConfig(vision_config=vision, qformer_config=q, text_config=text,
+                                                      num_query_tokens=32, video_token_index=token)
+        theirs = transformers.InstructBlipVideoForConditionalGeneration(config)
+    else:
+        config = transformers.InstructBlipConfig(vision_config=vision, qformer_config=q, text_config=text,
+                                                 num_query_tokens=32, image_token_index=token)
+        theirs = transformers.InstructBlipForConditionalGeneration(config)
+    if family == "t5":
         lm = theirs.language_model
         lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.lm_head.weight))
     randomize(theirs, seed)
@@ -216,7 +229,10 @@ def build_pair(family: str, vit_g_size: bool = False, seed: int = 0):
     theirs.eval()
     with tempfile.TemporaryDirectory(prefix=f"ib-bench-{family}-") as directory:  # up to 4.6 GB: not left behind
         theirs.save_pretrained(directory)
-        ours = instructblip.InstructBlipForConditionalGeneration.from_pretrained(directory)
+        cls = {"instructblip": instructblip.InstructBlipForConditionalGeneration,
+               "blip2": instructblip.Blip2ForConditionalGeneration,
+               "video": instructblip.InstructBlipVideoForConditionalGeneration}[kind]
+        ours = cls.from_pretrained(directory)
     return ours, theirs
 
 
@@ -248,18 +264,31 @@ def t5_text():
                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
-def inputs_for(config, batch: int, prompt_len: int = 12, seed: int = 0, image_size: int | None = None):
+def opt_text():
+    return dict(model_type="opt", vocab_size=32000, hidden_size=512, ffn_dim=2048, num_hidden_layers=4,
+                num_attention_heads=8, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def inputs_for(config, batch: int, prompt_len: int = 12, seed: int = 0, image_size: int | None = None,
+               frames: int | None = None):
+    """Random inputs for transformers' `config`: BLIP-2's have no Q-Former text; `frames`: a video of that many
+    frames per sample, with `frames` x Q placeholder tokens."""
     g = torch.Generator().manual_seed(seed)
-    q = config.num_query_tokens
+    q = config.num_query_tokens * (frames or 1)
     size = image_size or config.vision_config.image_size
     ids = torch.randint(5, 1000, (batch, prompt_len), generator=g)
-    return dict(
-        pixel_values=torch.randn(batch, 3, size, size, generator=g),
+    token = getattr(config, "video_token_index", None) or config.image_token_index
+    shape = (batch, frames, 3, size, size) if frames else (batch, 3, size, size)
+    out = dict(
+        pixel_values=torch.randn(*shape, generator=g),
         qformer_input_ids=torch.randint(1000, 2000, (batch, 8), generator=g),
         qformer_attention_mask=torch.ones(batch, 8, dtype=torch.long),
-        input_ids=torch.cat([torch.full((batch, q), config.image_token_index), ids], 1),
+        input_ids=torch.cat([torch.full((batch, q), token), ids], 1),
         attention_mask=torch.ones(batch, q + prompt_len, dtype=torch.long),
     )
+    if config.model_type == "blip-2":
+        del out["qformer_input_ids"], out["qformer_attention_mask"]
+    return out
 
 
 def lm_weight_bytes(model) -> int:
@@ -374,6 +403,34 @@ def workload_d(reps: int, rows: list[Row]):
     gc.collect()
 
 
+def workload_o(reps: int, rows: list[Row]):
+    """BLIP-2's OPT decoder (learned positions, pre-LayerNorm, ReLU), greedy, as b."""
+    ours, theirs = build_pair("opt", kind="blip2")
+    weights = lm_weight_bytes(ours)
+    new = 64
+    for batch in (1, 8):
+        x = inputs_for(theirs.config, batch)
+        o, t = _generate_pair(ours, theirs, x, num_beams=1, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        to, tt, mo, mt, oo, ot, probes = alternate(o, t, reps, probe=read_bandwidth_gbs)
+        rows.append(Row(f"o  greedy, BLIP-2 OPT 42M, 64 tokens, batch {batch}", to, tt, mo, mt, new * weights / 1e9,
+                        "GB/s", None, per=new, same_output=_same_tokens(oo, ot), peaks=probes))
+    gc.collect()
+
+
+def workload_v(reps: int, rows: list[Row]):
+    """InstructBLIP-Video: 4 frames each through the vision encoder and the Q-Former, 4 x 32 query outputs into the
+    small LLaMA, 16 greedy tokens: the whole call, frames to answer."""
+    ours, theirs = build_pair("llama", kind="video")
+    new = 16
+    for batch in (1, 4):
+        x = inputs_for(theirs.config, batch, frames=4)
+        o, t = _generate_pair(ours, theirs, x, num_beams=1, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        to, tt, mo, mt, oo, ot, _ = alternate(o, t, reps)
+        rows.append(Row(f"v  video, 4 frames, LLaMA 45M, 16 tokens, batch {batch}", to, tt, mo, mt, None, "", None,
+                        per=new, same_output=_same_tokens(oo, ot)))
+    gc.collect()
+
+
 def workload_e(reps: int, rows: list[Row], peak: float):
     ours, theirs = build_pair("t5", vit_g_size=True)
     cache = VisionCache(8)
@@ -483,8 +540,8 @@ def write_report(path: str, report: str, stamp: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", default=list("abcdefq"),
-                        help="workloads to run (a-f, q: --quantize int8)")
+    parser.add_argument("--only", nargs="*", default=list("abcdefqov"),
+                        help="workloads to run (a-f, q: --quantize int8, o: BLIP-2 OPT, v: video)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--write", default=None,
                         help="also add the report to this Markdown file, as a new section above the earlier runs")
@@ -507,6 +564,10 @@ def main() -> None:
         workload_e(args.reps, rows, peak)
     if "q" in only and quantize_available():
         workload_q(args.reps, rows)
+    if "o" in only:
+        workload_o(args.reps, rows)
+    if "v" in only:
+        workload_v(args.reps, rows)
     header = (f"Machine: {machine()}\nMeasured peaks: fp32 matmul {peak:.0f} GFLOP/s (best of MKL and oneDNN at 2048^3 "
               f"and 257x1408x6144, sustained over 0.5 s), memory read {bandwidth:.1f} GB/s (sum over 256 MiB)\n")
     report = header + "\n" + table(rows, peak, bandwidth) + "\n"

@@ -110,3 +110,40 @@ def wide_inputs() -> dict:
                 qformer_input_ids=torch.randint(1, 300, (B, 6), generator=g),
                 qformer_attention_mask=torch.ones(B, 6, dtype=torch.long),
                 input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the family: BLIP-2 (OPT or Flan-T5, Q-Former without instruction) and InstructBLIP-Video, same tiny sizes
+
+OPT = dict(model_type="opt", vocab_size=99, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
+           max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+
+
+def hf_family_config(kind: str, family: str, **overrides):
+    """transformers' config of a tiny `kind` ("blip2" or "video") model with a `family` ("opt", "t5", "llama") LLM."""
+    import transformers
+
+    text = dict({"opt": OPT, "t5": T5, "llama": LLAMA}[family])
+    text_cls = {"opt": transformers.OPTConfig, "t5": transformers.T5Config, "llama": transformers.LlamaConfig}[family]
+    text.pop("model_type")
+    text = text_cls(**text).to_dict()
+    if kind == "blip2":
+        return transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=text,
+                                        num_query_tokens=NUM_QUERY_TOKENS,
+                                        **{"image_token_index": IMAGE_TOKEN, **overrides})
+    return transformers.InstructBlipVideoConfig(vision_config=VISION, qformer_config=QFORMER, text_config=text,
+                                                num_query_tokens=NUM_QUERY_TOKENS,
+                                                **{"video_token_index": IMAGE_TOKEN, **overrides})
+
+
+def hf_family_model(kind: str, family: str, seed: int = 0, cls_name: str | None = None, **overrides):
+    """A tiny random transformers BLIP-2 / InstructBLIP-Video model, every tensor re-randomised."""
+    import transformers
+
+    torch.manual_seed(seed)
+    default = "Blip2ForConditionalGeneration" if kind == "blip2" else "InstructBlipVideoForConditionalGeneration"
+    model = getattr(transformers, cls_name or default)(hf_family_config(kind, family, **overrides))
+    lm = model.language_model
+    if family == "t5" and hasattr(lm, "lm_head"):  # Flan-T5: an lm_head of its own
+        lm.lm_head.weight = nn.Parameter(torch.empty_like(lm.lm_head.weight))
+    return randomize(model, seed).eval()

@@ -21,6 +21,7 @@ from hf_oracle import wide_inputs, wide_model
 
 from instructblip import InstructBlipForConditionalGeneration, accel
 from instructblip.accel import cpu_linear as ops
+from instructblip.accel.apply import TiedHead
 from instructblip.generation import decode
 from instructblip.models.config import InstructBlipConfig
 
@@ -71,14 +72,19 @@ def test_models_built_directly_are_plain_until_optimized(family, tmp_path):
     params = dict(model.named_parameters())
     keys = list(model.state_dict())
     assert accel.optimize(model) is model
-    assert all(type(m) is ops.Linear for m in linears(model))  # every one, the projection and LM head included
+    lm = model.language_model
+    # every one, the projection and LM head included; a tied head (5.x T5 configs say tied) becomes a TiedHead over
+    # the embedding matrix, outside the state dict
+    routed = (ops.Linear, TiedHead)
+    assert all(type(m) in routed for m in linears(model))
+    if family == "t5":
+        assert isinstance(lm.lm_head, TiedHead) and lm.lm_head.weight is lm.embed_tokens.weight
     assert all(p is params[name] for name, p in model.named_parameters())  # the same Parameter objects
     assert list(model.state_dict()) == keys
     gelus = [b.act for b in model.vision_model.layers]
     gelus += [f.act for layer in model.qformer.layers for f in (layer.query_ffn, layer.text_ffn)]
     assert gelus and all(type(g) is ops.GELU for g in gelus)
     assert [m for m in model.modules() if isinstance(m, torch.nn.GELU)] == gelus  # no other GELU runs in place
-    lm = model.language_model
     if family == "llama":
         expected = linears(lm)  # the lm_head among them
     else:
@@ -86,7 +92,7 @@ def test_models_built_directly_are_plain_until_optimized(family, tmp_path):
         expected = [m for m in expected if all(m is not block.cross.kv for block in lm.decoder.layers)]
     assert {id(m) for m in decoding_layers(model)} == {id(m) for m in expected}
     accel.optimize(model)  # again: nothing more
-    assert list(model.state_dict()) == keys and all(type(m) is ops.Linear for m in linears(model))
+    assert list(model.state_dict()) == keys and all(type(m) in routed for m in linears(model))
 
 
 def test_from_pretrained_optimizes_cpu_float32_models_only(wide):
@@ -200,6 +206,7 @@ builtins.open = lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k
 torch.backends.cpu.get_cpu_capability = lambda: probed.append(1) or capability()
 import instructblip
 from instructblip.accel import cpu_linear as ops
+from instructblip.accel.apply import TiedHead
 at_import = [f for f in opened if "cpuinfo" in f] + probed
 x, w = torch.randn(2, 300), torch.randn(500, 300)
 with torch.no_grad():

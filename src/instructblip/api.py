@@ -7,11 +7,16 @@
     vlm.caption("photo.jpg")
     vlm.rank("photo.jpg", "Is it raining?", ["yes", "no"])
     vlm("photo.jpg", "What is this?")        # transformers' pipeline shape: [{"input_text", "generated_text"}]
+    vlm.ask("clip.mp4", "What is happening in the video?")   # 4 frames sampled uniformly
+    vlm.ask([["f1.jpg", "f2.jpg", "f3.jpg", "f4.jpg"]], "What happens?")   # a video as a list of frames
 
     pipe = instructblip.pipeline("image-text-to-text", model="Salesforce/instructblip-flan-t5-xl")   # the same object
 
-Images may be paths, PIL images, numpy arrays, tensors or encoded bytes. The vision encoder's output is cached per
-image (bounded), so several instructions about one image run the vision encoder once.
+Images may be paths, PIL images, numpy arrays, tensors or encoded bytes. A video is a video file (or a folder of
+frame images), `num_frames` of them sampled uniformly, or a list of frames inside the list of inputs; every frame goes
+through the vision encoder and the Q-Former. The vision encoder's output is cached per image (bounded), so several
+instructions about one image run the vision encoder once. The checkpoint's config says what it is (InstructBLIP,
+BLIP-2, InstructBLIP-Video), and with it the model and processor classes.
 
 The built-in model (no model named) is a small InstructBLIP trained on easy-vqa's pictures only (one flat shape of
 one colour on a pale background): `BUILTIN_NOTICE` says so and `unlike_easyvqa` tells an image it cannot read.
@@ -31,10 +36,11 @@ from instructblip.accel.quantize import layer_class
 from instructblip.generation.config import ANSWER, CAPTION, GenerationConfig
 from instructblip.generation.features import VisionCache, image_features
 from instructblip.hub import resolve_checkpoint_dir
-from instructblip.modeling import InstructBlipForConditionalGeneration
-from instructblip.models.config import InstructBlipConfig
-from instructblip.processing.processor import InstructBlipProcessor
+from instructblip.modeling import InstructBlipForConditionalGeneration, generation_class
+from instructblip.models.config import load_config
+from instructblip.processing.processor import InstructBlipProcessor, processor_class
 from instructblip.processing.templates import CAPTION_PROMPT
+from instructblip.processing.video import NUM_FRAMES, is_video_file, video_frames
 from instructblip.weights.memory import auto_dtype, check_fits, rest_dtype
 
 
@@ -128,22 +134,34 @@ class InstructBlip:
     """A loaded model with its processor. Build it with `instructblip.load`."""
 
     def __init__(self, model: InstructBlipForConditionalGeneration, processor: InstructBlipProcessor,
-                 vision_cache_size: int = 64):
+                 vision_cache_size: int = 64, num_frames: int = NUM_FRAMES):
         self.model = model.eval()
         self.processor = processor
         self.vision_cache = VisionCache(vision_cache_size) if vision_cache_size > 0 else None
+        self.num_frames = num_frames  # frames sampled from a video file
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    @staticmethod
+    def is_video(item: Any) -> bool:
+        """Whether an input is a video: a video file or a folder (of frames), or a list of frames."""
+        return isinstance(item, (list, tuple)) or is_video_file(item)
+
     def _inputs(self, images: Sequence[Any], instructions: Sequence[str], preprocessed: bool = False) -> dict:
         """The processor's output with the pixels replaced by the image features (the vision cache consulted).
-        `preprocessed`: the images are `preprocess` outputs, so the image processor's steps are all skipped."""
-        options = {"do_resize": False, "do_rescale": False, "do_normalize": False, "do_convert_rgb": False} \
-            if preprocessed else {}
-        inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt",
-                                **options)
+        `images`: all images, or all videos (the same number of frames each); `preprocessed`: images that are
+        `preprocess` outputs, so the image processor's steps are all skipped."""
+        if preprocessed:
+            options = {"do_resize": False, "do_rescale": False, "do_normalize": False, "do_convert_rgb": False}
+            inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt",
+                                    **options)
+        elif images and self.is_video(images[0]):
+            videos = [video_frames(v, self.num_frames) for v in images]
+            inputs = self.processor(videos=videos, text=list(instructions), padding=True, return_tensors="pt")
+        else:
+            inputs = self.processor(images=list(images), text=list(instructions), padding=True, return_tensors="pt")
         inputs = dict(inputs.to(self.device, dtype=self.model.dtype))
         with torch.inference_mode():
             features = image_features(self.model, inputs.pop("pixel_values"), inputs.pop("qformer_input_ids", None),
@@ -198,9 +216,20 @@ class InstructBlip:
 
     def _generate(self, images: list, instructions: list[str], generation: dict, preprocessed: bool = False
                   ) -> list[str]:
-        inputs = self._inputs(images, instructions, preprocessed)
-        tokens = self.model.generate(**inputs, **generation)
-        return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+        """Answers in input order (several per input with num_return_sequences); images and videos run as separate
+        batches."""
+        per_input: list[list[str]] = [[] for _ in images]
+        videos = [] if preprocessed else [i for i, item in enumerate(images) if self.is_video(item)]
+        for rows in (videos, [i for i in range(len(images)) if i not in set(videos)]):
+            if not rows:
+                continue
+            inputs = self._inputs([images[i] for i in rows], [instructions[i] for i in rows], preprocessed)
+            tokens = self.model.generate(**inputs, **generation)
+            texts = [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+            n = len(texts) // len(rows)  # num_return_sequences
+            for j, i in enumerate(rows):
+                per_input[i] = texts[j * n:(j + 1) * n]
+        return [text for texts in per_input for text in texts]
 
     def __call__(self, images: Any = None, text: Any = None, max_new_tokens: int | None = None,
                  return_full_text: bool = True, generate_kwargs: dict | None = None, **generation: Any) -> list:
@@ -344,11 +373,12 @@ def pipeline(task: str = "image-text-to-text", model: str | os.PathLike | None =
 
 def load(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = "auto", vision_cache_size: int = 64,
-         quantize: str | None = None, quantize_vision: str | None = None, revision: str | None = None,
-         token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+         quantize: str | None = None, quantize_vision: str | None = None, num_frames: int = NUM_FRAMES,
+         revision: str | None = None, token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
          local_files_only: bool = False) -> InstructBlip:
-    """Load a model directory or hub id (None: the built-in model shipped with the package, see BUILTIN_NOTICE).
-    `revision`, `token`, `cache_dir`, `local_files_only`: for a hub id, as in transformers (`instructblip.hub`).
+    """Load a model directory or hub id (None: the built-in model shipped with the package, see BUILTIN_NOTICE):
+    InstructBLIP, BLIP-2 or InstructBLIP-Video, as its config.json says. `num_frames`: frames sampled from each video
+    file. `revision`, `token`, `cache_dir`, `local_files_only`: for a hub id, as in transformers (`instructblip.hub`).
 
     dtype="auto": on the CPU the dtype that fits the machine (`weights.memory.auto_dtype`: float32 when it fits and
     the CPU has no native bfloat16 or the model is small, else bfloat16); bfloat16 (or float16) on GPUs.
@@ -372,17 +402,19 @@ def load(model: str | os.PathLike | None = None, device: str | torch.device | No
             raise ValueError(f"{flag} runs on the CPU only, not {torch.device(device).type}; use --device cpu, or "
                              f"drop {flag} on a GPU (bf16 is the fast path there)")
         device = "cpu"
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     device = resolve_device(device)
+    config = load_config(path)
     if device.type != "cpu":
         torch_dtype = resolve_dtype(dtype, device)
     else:  # before anything is allocated: the dtype that fits, and one clear line if nothing does
-        config = InstructBlipConfig.from_pretrained(path)
         if dtype in (None, "auto"):
             torch_dtype = rest_dtype() if quantized else auto_dtype(config)
         else:
             torch_dtype = resolve_dtype(dtype, device)
         check_fits(config, quantize or ("float32" if torch_dtype == torch.float32 else "bfloat16"), rest=torch_dtype)
-    weights = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=device,
-                                                                   quantize=quantize, quantize_vision=quantize_vision)
-    processor = InstructBlipProcessor.from_pretrained(path)
-    return InstructBlip(weights, processor, vision_cache_size=vision_cache_size)
+    weights = generation_class(config).from_pretrained(path, dtype=torch_dtype, device=device, quantize=quantize,
+                                                       quantize_vision=quantize_vision)
+    processor = processor_class(config).from_pretrained(path)
+    return InstructBlip(weights, processor, vision_cache_size=vision_cache_size, num_frames=num_frames)

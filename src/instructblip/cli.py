@@ -151,8 +151,9 @@ def _precision_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def ask_parser() -> Parser:
-    p = Parser(prog="instructblip ask", description="Answer an instruction about an image.")
-    p.add_argument("image", help="image file")
+    p = Parser(prog="instructblip ask",
+               description="Answer an instruction about an image, or a video (4 frames sampled uniformly).")
+    p.add_argument("image", help="image or video file")
     p.add_argument("instruction", help='e.g. "What is unusual about this image?"')
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (greedy/sampling)")
     _model_flags(p)
@@ -162,8 +163,8 @@ def ask_parser() -> Parser:
 
 
 def caption_parser() -> Parser:
-    p = Parser(prog="instructblip caption", description="Describe images.")
-    p.add_argument("images", nargs="+", help="image files")
+    p = Parser(prog="instructblip caption", description="Describe images (or videos).")
+    p.add_argument("images", nargs="+", help="image (or video) files")
     p.add_argument("--prompt", default=CAPTION_PROMPT, help="the captioning instruction")
     _model_flags(p)
     _progress_flag(p)
@@ -425,17 +426,17 @@ def cmd_info(argv: list[str]) -> int:
 
     from instructblip.api import default_model_dir
     from instructblip.hub import CheckpointNotFoundError, resolve_config_dir
-    from instructblip.modeling import InstructBlipForConditionalGeneration
-    from instructblip.models.config import InstructBlipConfig
+    from instructblip.modeling import generation_class
+    from instructblip.models.config import load_config
     from instructblip.weights.checkpoint import CheckpointError, _Reader
     from instructblip.weights.memory import FLAGS, available_bytes, needed, rest_dtype, weight_bytes
 
     args = info_parser().parse_args(argv)
     # a hub id not in the cache: its JSON files, then the weights' headers (below), never the weights
     directory = resolve_config_dir(args.model or default_model_dir(), revision=args.revision)
-    config = InstructBlipConfig.from_pretrained(directory)
+    config = load_config(directory)  # InstructBLIP, BLIP-2 or InstructBLIP-Video: its model_type says
     with torch.device("meta"):
-        model = InstructBlipForConditionalGeneration(config)
+        model = generation_class(config)(config)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     parts = {"vision encoder": count(model.vision_model), "Q-Former + queries": count(model.qformer)
              + model.query_tokens.numel(), "projection": count(model.language_projection),
@@ -452,7 +453,7 @@ def cmd_info(argv: list[str]) -> int:
             except CheckpointNotFoundError as e:
                 stored = f"{said} (from config.json; the safetensors headers could not be read: {e})"
     text = config.text_config
-    print(f"model:      {directory}")
+    print(f"model:      {directory} ({config.model_type})")
     print(f"LLM:        {text.model_type} ({'encoder-decoder' if text.is_encoder_decoder else 'decoder-only'}), "
           f"vocabulary {text.vocab_size}")
     print(f"images:     {config.vision_config.image_size}x{config.vision_config.image_size}, "
@@ -782,7 +783,7 @@ def check_model(model: str | None) -> None:
     model, a config or weights file that cannot be read): a UsageError naming the problem and the fix."""
     from instructblip.api import default_model_dir
     from instructblip.hub import CheckpointNotFoundError, resolve_checkpoint_dir
-    from instructblip.models.config import ConfigError, InstructBlipConfig
+    from instructblip.models.config import ConfigError, load_config
     from instructblip.weights.checkpoint import CheckpointError, check_weights
 
     fix = "pass --model a directory holding config.json and model.safetensors, or a hub id"
@@ -793,7 +794,7 @@ def check_model(model: str | None) -> None:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise UsageError(f"--model {model}: {directory} is not a model directory (it has no config.json); {fix}")
     try:
-        InstructBlipConfig.from_pretrained(directory)
+        load_config(directory)
         check_weights(directory)
     except (ConfigError, CheckpointError) as e:
         raise UsageError(f"--model {model}: {e}; {fix}") from None
@@ -855,8 +856,8 @@ def cmd_serve(argv: list[str]) -> int:
 
 # every command: (its parser, what runs it on the rest of the command line, its line in `instructblip --help`)
 COMMANDS = {
-    "ask": (ask_parser, cmd_ask, "answer an instruction about an image"),
-    "caption": (caption_parser, cmd_caption, "describe one or more images"),
+    "ask": (ask_parser, cmd_ask, "answer an instruction about an image (or a video)"),
+    "caption": (caption_parser, cmd_caption, "describe one or more images (or videos)"),
     "batch": (batch_parser, cmd_batch, "answer many records, resumably"),
     "info": (info_parser, cmd_info, "sizes and memory needs of a model (a hub id: headers only)"),
     "convert-lavis": (convert_lavis_parser, cmd_convert_lavis, "convert an original LAVIS checkpoint to the HF layout"),

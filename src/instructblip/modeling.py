@@ -11,7 +11,9 @@ import os
 import torch
 from torch import Tensor
 
+from instructblip.models.config import Blip2Config, InstructBlipConfig, InstructBlipVideoConfig
 from instructblip.models.instructblip import InstructBlipNetwork
+from instructblip.models.outputs import EncoderOutput
 
 # the keywords of `from_pretrained` beyond its named parameters: transformers' own, and ours for the loader
 HUB_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only")
@@ -84,6 +86,7 @@ def check_attn_implementation(name: str | None) -> None:
 class InstructBlipModel(InstructBlipNetwork):
     """InstructBLIP without the LM head: `forward` returns the language model's last hidden state."""
 
+    config_class = InstructBlipConfig
     has_lm_head = False
 
     @classmethod
@@ -195,3 +198,66 @@ class InstructBlipForConditionalGeneration(InstructBlipModel):
         from instructblip.generation.rank import rank
 
         return rank(self, inputs, candidates, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BLIP-2 and InstructBLIP-Video: the same network, read from their own configs
+
+
+def _get_qformer_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+    """The Q-Former's last hidden state over the learned queries (B, Q, D_qformer), before the projection."""
+    return self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+                                   ).qformer_outputs.last_hidden_state
+
+
+def _get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object) -> EncoderOutput:
+    """The language model's hidden states for text alone: a decoder-only model's last hidden state, T5's encoder
+    output (transformers' `Blip2Model.get_text_features`)."""
+    lm = self.language_model
+    embeds = lm.embed_tokens(input_ids)
+    if self.config.text_config.is_encoder_decoder:
+        return EncoderOutput(last_hidden_state=lm.encode(embeds, attention_mask))
+    return EncoderOutput(last_hidden_state=lm(embeds, attention_mask))
+
+
+class Blip2Model(InstructBlipModel):
+    """BLIP-2 (its Q-Former reads no instruction). As in transformers, the base model keeps the LM head: `forward`
+    returns logits (and the loss given `labels`)."""
+
+    config_class = Blip2Config
+    has_lm_head = True
+    get_qformer_features = _get_qformer_features
+    get_text_features = _get_text_features
+
+
+class Blip2ForConditionalGeneration(InstructBlipForConditionalGeneration):
+    """BLIP-2 with OPT or Flan-T5: logits, loss, `generate` and `rank`; the Q-Former reads no instruction, so the
+    processor's `qformer_input_ids` are not needed (and ignored)."""
+
+    config_class = Blip2Config
+    get_qformer_features = _get_qformer_features
+    get_text_features = _get_text_features
+
+
+class InstructBlipVideoModel(InstructBlipModel):
+    """InstructBLIP-Video without the LM head (`pixel_values` (B, T, 3, H, W))."""
+
+    config_class = InstructBlipVideoConfig
+
+
+class InstructBlipVideoForConditionalGeneration(InstructBlipForConditionalGeneration):
+    """InstructBLIP over video frames, transformers' semantics: `pixel_values` (B, T, 3, H, W); every frame goes
+    through the vision encoder and the Q-Former with the instruction, and the T x Q query outputs, concatenated in
+    frame order, take the place of the prompt's T x Q `<video>` tokens. Loads InstructBLIP checkpoints as well."""
+
+    config_class = InstructBlipVideoConfig
+
+
+GENERATION_CLASSES = {InstructBlipConfig: InstructBlipForConditionalGeneration,
+                      Blip2Config: Blip2ForConditionalGeneration,
+                      InstructBlipVideoConfig: InstructBlipVideoForConditionalGeneration}
+
+
+def generation_class(config: InstructBlipConfig) -> type[InstructBlipForConditionalGeneration]:
+    """The conditional-generation class of a config (what `instructblip.load` builds): its kind says which."""
+    return GENERATION_CLASSES[type(config)]

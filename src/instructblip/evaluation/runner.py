@@ -102,10 +102,12 @@ def _media(bench: Benchmark, sample: Sample) -> list:
 def build_inputs(vlm, media: list[list], prompts: list[str]) -> dict:
     """Model inputs for a batch: `media` holds one list of images per sample (1 image, or n video frames).
 
-    Images: the processor's output. Videos: every frame goes through the vision encoder and the Q-Former with the
-    sample's instruction; the n x Q query outputs of a sample are concatenated into `image_features` (B, n*Q, D);
-    the LLM prompt gets n*Q `<image>` tokens in front (image-token checkpoints; legacy ones prepend the features
-    inside the model), as the processor writes Q of them for one image.
+    Images: the processor's output. Videos: the processor's video inputs (n x Q `<image>` tokens in front of each
+    prompt for image-token checkpoints; legacy ones prepend the features inside the model), and the model's video
+    path (`get_image_features` on (B, n, 3, H, W): every frame through the vision encoder and the Q-Former with the
+    sample's instruction, the n x Q query outputs of a sample concatenated) run here once, into `image_features`
+    (B, n * Q, D), so that generation and ranking start from the features. BLIP-2's Q-Former reads no instruction:
+    its processor writes no `qformer_*` inputs.
     """
     proc, model = vlm.processor, vlm.model
     n = len(media[0])
@@ -114,19 +116,11 @@ def build_inputs(vlm, media: list[list], prompts: list[str]) -> dict:
     if n == 1:
         inputs = proc(images=[m[0] for m in media], text=prompts, padding=True)
         return inputs.to(model.device, dtype=model.dtype)
-    frames = proc(images=[f for m in media for f in m], text=[p for p in prompts for _ in range(n)], padding=True)
-    frames = frames.to(model.device, dtype=model.dtype)
+    inputs = dict(proc(videos=media, text=prompts, padding=True).to(model.device, dtype=model.dtype))
     with torch.no_grad():
-        features = model.get_image_features(frames["pixel_values"], frames["qformer_input_ids"],
-                                            frames["qformer_attention_mask"]).pooler_output  # (B * n, Q, D)
-    B, Q = len(prompts), features.shape[1]
-    features = features.reshape(B, n * Q, features.shape[-1])  # (B, n * Q, D): a sample's frames in order
-    text = proc(text=prompts, padding=True)  # no images given: no <image> tokens written
-    ids, mask = text["input_ids"], text["attention_mask"]  # (B, L)
-    if proc.insert_image_tokens:
-        ids = torch.cat([torch.full((B, n * Q), proc.image_token_id, dtype=ids.dtype), ids], 1)  # (B, n*Q + L)
-        mask = torch.cat([torch.ones(B, n * Q, dtype=mask.dtype), mask], 1)
-    return {"image_features": features, "input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
+        features = model.get_image_features(inputs.pop("pixel_values"), inputs.pop("qformer_input_ids", None),
+                                            inputs.pop("qformer_attention_mask", None)).pooler_output  # (B, n*Q, D)
+    return {"image_features": features, **inputs}
 
 
 def predict(vlm, bench: Benchmark, batch: list[Sample], rank_batch_size: int | None = DEFAULT_RANK_BATCH_SIZE

@@ -59,10 +59,12 @@ class VisionCache:
 def image_features(model, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
                    qformer_attention_mask: Tensor | None = None, interpolate_pos_encoding: bool = False,
                    cache: VisionCache | None = None) -> Tensor:
-    """The projected query outputs (B, Q, D) for these images and instructions; the vision encoder's part comes from
-    `cache` where it holds the image (used only without gradients)."""
+    """The projected query outputs (B, Q, D) for these images and instructions, (B, T * Q, D) for videos
+    (`pixel_values` (B, T, 3, H, W)); the vision encoder's part comes from `cache` where it holds the image (or
+    frame; used only without gradients)."""
     vision = None
     if cache is not None and not torch.is_grad_enabled():
-        vision = cache.encode(model.vision_model, pixel_values, interpolate_pos_encoding)
+        frames = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values  # (N, 3, H, W)
+        vision = cache.encode(model.vision_model, frames, interpolate_pos_encoding)
     return model.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding,
                                     vision_outputs=vision).pooler_output

@@ -1,5 +1,11 @@
 """The composite InstructBLIP: vision encoder -> instruction-aware Q-Former -> projection -> language model.
 
+The same network serves the family, as its config says:
+- BLIP-2 (`Blip2Config`): the Q-Former reads the learned queries alone, no instruction; OPT or Flan-T5.
+- Video (InstructBLIP-Video, transformers' semantics): `pixel_values` (B, T, 3, H, W) put every frame through the
+  vision encoder and the Q-Former (with the sample's instruction), and the T x Q query outputs of a sample are
+  concatenated in frame order: (B, T * Q, D). Any of the family's checkpoints reads videos that way.
+
 Image features enter the language model in one of two ways, chosen by `config.image_token_index`:
 - set (transformers >= 4.45 / 5.x checkpoints): the processor writes `num_query_tokens` `<image>` ids into the
   prompt and their embeddings are replaced, in order, by the projected query outputs;
@@ -14,12 +20,14 @@ from torch import Tensor, nn
 
 from instructblip.models.config import InstructBlipConfig
 from instructblip.models.llama import Llama
+from instructblip.models.opt import OPT
 from instructblip.models.outputs import EncoderOutput, ImageFeaturesOutput, InstructBlipOutput
-from instructblip.models.qformer import InstructBlipQFormerModel
+from instructblip.models.qformer import Blip2QFormerModel, InstructBlipQFormerModel
 from instructblip.models.t5 import T5
 from instructblip.models.vision import InstructBlipVisionModel
 
 IGNORE_INDEX = -100
+LANGUAGE_MODELS = {"llama": Llama, "t5": T5, "opt": OPT}
 
 
 class InstructBlipNetwork(nn.Module):
@@ -39,13 +47,11 @@ class InstructBlipNetwork(nn.Module):
         self.config = config
         self.vision_model = InstructBlipVisionModel(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = InstructBlipQFormerModel(config.qformer_config)
+        qformer = InstructBlipQFormerModel if config.reads_instruction else Blip2QFormerModel
+        self.qformer = qformer(config.qformer_config)
         text = config.text_config
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, text.hidden_size)
-        if text.is_encoder_decoder:
-            self.language_model: Llama | T5 = T5(text, lm_head=self.has_lm_head)
-        else:
-            self.language_model = Llama(text, lm_head=self.has_lm_head)
+        self.language_model: Llama | T5 | OPT = LANGUAGE_MODELS[text.model_type](text, lm_head=self.has_lm_head)
         self.quantized: str | None = None  # the language model's quantization ("int8", "int4"), set by accel.quantize
         self.quantized_vision: str | None = None  # the vision encoder's ("int8")
 
@@ -92,39 +98,68 @@ class InstructBlipNetwork(nn.Module):
     ) -> ImageFeaturesOutput:
         """Steps 1-3: image -> vision features -> Q-Former (queries + instruction) -> projected query outputs
         (B, num_query_tokens, text hidden size) in `pooler_output`. `vision_outputs`: the vision encoder's output
-        for these images, computed earlier (a cache); then `pixel_values` is not read."""
+        for these images, computed earlier (a cache); then `pixel_values` is read for its shape only.
+
+        Videos, `pixel_values` (B, T, 3, H, W): every frame goes through both steps with its sample's instruction and
+        the features are (B, T * num_query_tokens, D), frame after frame; the vision and Q-Former outputs stay per
+        frame (B * T, ...), and `vision_outputs` must then be those of the B * T frames. BLIP-2's Q-Former reads no
+        instruction: `qformer_input_ids` are ignored."""
+        frames = None
+        if pixel_values is not None and pixel_values.dim() == 5:
+            B, frames = pixel_values.shape[:2]
+            pixel_values = pixel_values.flatten(0, 1)  # (B * T, 3, H, W)
+            if qformer_input_ids is not None:
+                qformer_input_ids = qformer_input_ids.repeat_interleave(frames, 0)  # (B * T, L_q)
+                if qformer_attention_mask is not None:
+                    qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, 0)
         if vision_outputs is not None:
             vision = vision_outputs
         else:
             vision = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        output_hidden_states=output_hidden_states)
         # each step's inputs go to the device of the part that reads them (a no-op unless a device_map splits it)
-        device = self.qformer.word_embeddings.weight.device
-        image_embeds = vision.last_hidden_state.to(device)  # (B, 1 + patches, D_vision)
-        B = image_embeds.shape[0]
-        queries = self.query_tokens.to(device).expand(B, -1, -1)  # (B, Q, D_qformer)
-        mask = None
-        if qformer_input_ids is not None:
-            if qformer_input_ids.shape[0] != B:
-                raise ValueError(
-                    f"{B} images but {qformer_input_ids.shape[0]} Q-Former instructions; pass one instruction per image"
-                )
-            qformer_input_ids = qformer_input_ids.to(device)
-            if qformer_attention_mask is not None:
-                qformer_attention_mask = qformer_attention_mask.to(device)
-                ones = torch.ones(B, queries.shape[1], dtype=qformer_attention_mask.dtype, device=device)
-                mask = torch.cat([ones, qformer_attention_mask], dim=1)  # (B, Q + T): every query is valid
-        qformer = self.qformer(
-            input_ids=qformer_input_ids,
-            attention_mask=mask,
-            query_embeds=queries,
-            encoder_hidden_states=image_embeds,
-            output_hidden_states=output_hidden_states,
-        )
-        query_output = qformer.last_hidden_state[:, : queries.shape[1]]  # (B, Q, D_qformer)
+        device = next(self.qformer.parameters()).device
+        image_embeds = vision.last_hidden_state.to(device)  # (N, 1 + patches, D_vision), N images or frames
+        N = image_embeds.shape[0]
+        queries = self.query_tokens.to(device).expand(N, -1, -1)  # (N, Q, D_qformer)
+        if self.config.reads_instruction:
+            mask = None
+            if qformer_input_ids is not None:
+                if qformer_input_ids.shape[0] != N:
+                    raise ValueError(f"{N} images but {qformer_input_ids.shape[0]} Q-Former instructions; pass one "
+                                     "instruction per image")
+                qformer_input_ids = qformer_input_ids.to(device)
+                if qformer_attention_mask is not None:
+                    qformer_attention_mask = qformer_attention_mask.to(device)
+                    ones = torch.ones(N, queries.shape[1], dtype=qformer_attention_mask.dtype, device=device)
+                    mask = torch.cat([ones, qformer_attention_mask], dim=1)  # (N, Q + T): every query is valid
+            qformer = self.qformer(
+                input_ids=qformer_input_ids,
+                attention_mask=mask,
+                query_embeds=queries,
+                encoder_hidden_states=image_embeds,
+                output_hidden_states=output_hidden_states,
+            )
+        else:  # BLIP-2: the queries alone
+            qformer = self.qformer(queries, encoder_hidden_states=image_embeds,
+                                   output_hidden_states=output_hidden_states)
+        query_output = qformer.last_hidden_state[:, : queries.shape[1]]  # (N, Q, D_qformer)
         weight = self.language_projection.weight
         features = self.language_projection(query_output.to(weight.device, weight.dtype))
+        if frames is not None:
+            features = features.reshape(N // frames, frames * features.shape[1], -1)  # (B, T * Q, D): frame order
         return ImageFeaturesOutput(pooler_output=features, vision_outputs=vision, qformer_outputs=qformer)
+
+    def get_video_features(self, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
+                           qformer_attention_mask: Tensor | None = None, interpolate_pos_encoding: bool = False,
+                           **kwargs: object) -> ImageFeaturesOutput:
+        """transformers' name for the video case of `get_image_features`: `pixel_values` (B, T, 3, H, W) ->
+        `pooler_output` (B, T * num_query_tokens, D)."""
+        if pixel_values.dim() != 5:
+            raise ValueError(f"video pixel_values must have shape (batch, frames, 3, height, width), got "
+                             f"{tuple(pixel_values.shape)}")
+        return self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                       interpolate_pos_encoding, **kwargs)
 
     def merge_image_features(
         self,
@@ -192,8 +227,10 @@ class InstructBlipNetwork(nn.Module):
         `image_features`: precomputed `get_image_features(...).pooler_output`, to skip the vision and Q-Former steps.
         """
         vision_out = qformer_out = None
-        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            image_features = mm_encoder_outputs["image"].pooler_output
+        if mm_encoder_outputs is not None:
+            given = mm_encoder_outputs.get("image") or mm_encoder_outputs.get("video")
+            if given is not None:
+                image_features = given.pooler_output
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values (or precomputed image_features)")
@@ -231,7 +268,11 @@ class InstructBlipNetwork(nn.Module):
         labels = labels.to(logits.device)
         if not is_t5:
             L = logits.shape[1]
-            if labels.shape[1] == L - self.config.num_query_tokens and self.config.image_token_index is None:
+            if labels.shape[1] < L and not self.config.reads_instruction:
+                # BLIP-2 (transformers): labels cover the last positions of the input; the logits are cut to them
+                logits = logits[:, L - labels.shape[1]:]
+                L = labels.shape[1]
+            elif labels.shape[1] == L - self.config.num_query_tokens and self.config.image_token_index is None:
                 labels = F.pad(labels, (self.config.num_query_tokens, 0), value=IGNORE_INDEX)  # text-only labels
             if labels.shape[1] != L:
                 raise ValueError(f"labels have length {labels.shape[1]}; the model input has {L} positions")

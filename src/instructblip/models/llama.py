@@ -124,6 +124,25 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin  # roll: (x2, x1)
 
 
+def causal_mask(attention_mask: Tensor | None, B: int, T: int, past: int, device: torch.device) -> Tensor | None:
+    """A boolean (B, 1, T, past + T) mask for T new queries after `past` cached positions, or None when plain causal
+    attention (or none, T == 1) will do. attention_mask (B, past + T): 1 for real tokens, 0 for padding."""
+    S = past + T
+    if attention_mask is not None and attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, S)}")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past == 0 or T == 1):
+        return None  # SDPA's is_causal (prefill) or no mask (one new token attends to everything)
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)  # key s visible to query t if s <= past+t
+    mask = causal[None, None].expand(B, 1, T, S)
+    if padded:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        # a query that is itself padding sees nothing; let it see itself so the softmax stays finite
+        itself = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]  # (T, S)
+        mask = mask | itself[None, None]
+    return mask
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -150,7 +169,7 @@ class LlamaAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None and T > 1,  # _mask returns None for several queries only when past == 0
+            is_causal=mask is None and T > 1,  # causal_mask is None for several queries only when past == 0
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
@@ -215,7 +234,7 @@ class Llama(nn.Module):
             cos, sin = rope(cache, position_ids, c.head_dim, c.rope_theta, inputs_embeds.dtype)
         else:
             cos, sin = rotary(position_ids, c.head_dim, c.rope_theta, inputs_embeds.dtype)
-        mask = self._mask(attention_mask, B, T, past, inputs_embeds.device)
+        mask = causal_mask(attention_mask, B, T, past, inputs_embeds.device)
         x = inputs_embeds
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -226,24 +245,6 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(x)
-
-    @staticmethod
-    def _mask(attention_mask: Tensor | None, B: int, T: int, past: int, device: torch.device) -> Tensor | None:
-        """A boolean (B, 1, T, past + T) mask, or None when plain causal attention (or none, T == 1) will do."""
-        S = past + T
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, S)}")
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded and (past == 0 or T == 1):
-            return None  # SDPA's is_causal (prefill) or no mask (one new token attends to everything)
-        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)  # key s visible to query t if s <= past+t
-        mask = causal[None, None].expand(B, 1, T, S)
-        if padded:
-            mask = mask & attention_mask.bool()[:, None, None, :]
-            # a query that is itself padding sees nothing; let it see itself so the softmax stays finite
-            itself = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]  # (T, S)
-            mask = mask | itself[None, None]
-        return mask
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed_tokens.weight)
@@ -298,8 +299,8 @@ class Llama(nn.Module):
 
 
 class LlamaDecodeState:
-    """What a LLaMA decoding run carries between steps: the KV cache, the mask over the cached positions (kept only
-    when the prompt has padding; without, steps need no mask), and each row's last position."""
+    """What a decoder-only (LLaMA, OPT) decoding run carries between steps: the KV cache, the mask over the cached
+    positions (kept only when the prompt has padding; without, steps need no mask), and each row's last position."""
 
     def __init__(self, cache: KVCache, attention_mask: Tensor, positions: Tensor, padded: bool):
         self.cache = cache

@@ -4,6 +4,9 @@ Every layer: bidirectional self-attention over all positions (queries and instru
 `cross_attention_frequency` layers, cross-attention from the query slice only to the image features, then separate
 feed-forward networks for the query slice and the text slice. Post-LayerNorm (BERT) throughout.
 Only the query outputs go on to the language model.
+
+BLIP-2's Q-Former (`config.reads_instruction` False, `Blip2QFormerModel`) is the same over the queries alone: it has
+no word or position embeddings and no text feed-forward networks.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class QFormerLayer(nn.Module):
             self.cross_out = nn.Linear(D, D)
             self.cross_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.query_ffn = FeedForward(config)
-        self.text_ffn = FeedForward(config)
+        self.text_ffn = FeedForward(config) if config.reads_instruction else None
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         H = self.num_heads
@@ -74,6 +77,8 @@ class QFormerLayer(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         h = self._attend(q, k, v, mask)
         x = self.attn_norm(F.dropout(self.attn_out(h), self.dropout, self.training) + x)
+        if x.shape[1] > num_queries and self.text_ffn is None:
+            raise ValueError("this Q-Former (BLIP-2's) reads the learned queries only, not text")
         if num_queries == 0:
             return self.text_ffn(x)
         queries = x[:, :num_queries]
@@ -98,8 +103,9 @@ class InstructBlipQFormerModel(nn.Module):
         super().__init__()
         self.config = config
         D = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, D, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, D)
+        if config.reads_instruction:
+            self.word_embeddings = nn.Embedding(config.vocab_size, D, padding_idx=config.pad_token_id)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, D)
         self.embed_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(
             QFormerLayer(config, config.has_cross_attention(i)) for i in range(config.num_hidden_layers)
@@ -109,6 +115,8 @@ class InstructBlipQFormerModel(nn.Module):
     def embed(self, input_ids: Tensor | None, query_embeds: Tensor | None, position_ids: Tensor | None) -> Tensor:
         if input_ids is None:
             x = query_embeds
+        elif not self.config.reads_instruction:
+            raise ValueError("this Q-Former (BLIP-2's) reads the learned queries only; pass no input_ids")
         else:
             T = input_ids.shape[1]
             if T > self.config.max_position_embeddings:
@@ -165,3 +173,24 @@ class InstructBlipQFormerModel(nn.Module):
             pooler_output=x[:, 0],
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
+
+
+class Blip2QFormerModel(InstructBlipQFormerModel):
+    """BLIP-2's Q-Former, built from a `Blip2QFormerConfig`: `query_embeds` and image features -> (B, Q, D)."""
+
+    main_input_name = "query_embeds"
+
+    def forward(
+        self,
+        query_embeds: Tensor,
+        query_length: int | None = None,
+        attention_mask: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+        **_: object,
+    ) -> EncoderOutput:
+        """transformers' argument order: the queries first. `query_length` is the query count (all positions)."""
+        return super().forward(attention_mask=attention_mask, query_embeds=query_embeds,
+                               encoder_hidden_states=encoder_hidden_states,
+                               encoder_attention_mask=encoder_attention_mask, output_hidden_states=output_hidden_states)

@@ -137,3 +137,7 @@ class InstructBlipVisionModel(nn.Module):
             pooler_output=self.post_layernorm(x[:, 0]),  # normalised twice, as in transformers (unused here)
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
+
+
+Blip2VisionModel = InstructBlipVisionModel  # the same encoder under BLIP-2's and the video model's names
+InstructBlipVideoVisionModel = InstructBlipVisionModel

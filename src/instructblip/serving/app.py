@@ -65,6 +65,7 @@ from dataclasses import replace
 from importlib import resources
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -72,6 +73,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructblip.generation.config import GenerationConfig
 from instructblip.processing.image import load_image
+from instructblip.processing.video import NUM_FRAMES, read_video_bytes
 from instructblip.serving.access import AccessEntry, AccessMiddleware, line_format
 from instructblip.serving.connections import RequestLimit
 from instructblip.serving.logprobs import chat_logprobs, text_logprobs
@@ -195,7 +197,8 @@ class _Server:
         text_config = model.config.text_config
         self.context = None if text_config.is_encoder_decoder else text_config.max_position_embeddings
         self.qformer_limit = model.config.qformer_config.max_position_embeddings
-        self.image_tokens = processor.num_query_tokens if processor.insert_image_tokens else 0
+        self.num_frames = getattr(vlm, "num_frames", NUM_FRAMES)  # frames sampled from a video
+        self.image_tokens = processor.num_query_tokens if processor.insert_image_tokens else 0  # per image or frame
         self.prepended = 0 if processor.insert_image_tokens else model.config.num_query_tokens  # legacy checkpoints
         self.created = int(time.time())
         self.static = {name: resources.files("instructblip.serving").joinpath("static", name).read_bytes()
@@ -270,7 +273,8 @@ class _Server:
         self.authorize(request)
         req, plan = await self.read_request(request, kind)
         pixels, qformer_ids, input_ids = await self.model_inputs(plan)
-        prompt_tokens = len(input_ids) + self.prepended
+        frames = pixels.shape[0] if plan.video else 1
+        prompt_tokens = len(input_ids) + self.prepended * frames
         params, n = generation_config(req, self.config, prompt_tokens, self.context)
         deadline = arrived + self.config.request_timeout
         job, events = self.submit(plan, params, n, pixels, qformer_ids, input_ids, deadline)
@@ -333,7 +337,7 @@ class _Server:
         remote = not plan.image_url.startswith("data:")
         data = await loop.run_in_executor(self.fetch_pool if remote else self.decode_pool, self.image_bytes, plan)
         pixels, qformer_ids, input_ids = await loop.run_in_executor(self.decode_pool, self.prepare, plan, data)
-        text_tokens = len(input_ids) - self.image_tokens
+        text_tokens = len(input_ids) - self.image_tokens * (pixels.shape[0] if plan.video else 1)
         if text_tokens > self.config.max_prompt_tokens:
             raise bad_request(f"the prompt is {text_tokens} tokens long; this server's limit is "
                               f"{self.config.max_prompt_tokens}", param=_prompt_param(plan), code="prompt_too_long")
@@ -348,22 +352,29 @@ class _Server:
             return read_image_bytes(plan.image_url, max_bytes=config.max_image_bytes,
                                     allow_remote=config.allow_remote_images,
                                     local_root=config.allowed_local_media_path,
-                                    fetch_timeout=config.image_fetch_timeout)
+                                    fetch_timeout=config.image_fetch_timeout, kind="video" if plan.video else "image")
         except ImageError as e:
             raise bad_request(f"{plan.image_param}: {e}", param=plan.image_param, code="invalid_image") from None
 
     def prepare(self, plan: ChatPlan, data: bytes) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Check and decode the image (header first: pixel limit), preprocess it, tokenize."""
+        """Check and decode the image (header first: pixel limit) or the video (`num_frames` frames), preprocess it,
+        tokenize. Pixels: (3, H, W) for an image, (T, 3, H, W) for a video."""
         processor = self.processor
         try:
-            image = load_image(data, max_image_pixels=self.config.max_image_pixels)
-            encoded = processor(images=[image], text=[plan.prompt], return_tensors=None)
-        except ValueError as e:
-            raise bad_request(f"{plan.image_param}: {e}", param=plan.image_param, code="invalid_image") from None
-        qformer_ids = encoded["qformer_input_ids"][0]
-        if plan.prompt != plan.instruction:
+            if plan.video:
+                frames = read_video_bytes(data, self.num_frames, max_pixels=self.config.max_image_pixels)
+                encoded = processor(videos=[frames], text=[plan.prompt], return_tensors=None)
+                pixels = torch.from_numpy(np.stack(encoded["pixel_values"][0]))  # (T, 3, H, W)
+            else:
+                image = load_image(data, max_image_pixels=self.config.max_image_pixels)
+                encoded = processor(images=[image], text=[plan.prompt], return_tensors=None)
+                pixels = torch.from_numpy(encoded["pixel_values"][0])
+        except (ValueError, ImportError) as e:
+            code = "invalid_video" if plan.video else "invalid_image"
+            raise bad_request(f"{plan.image_param}: {e}", param=plan.image_param, code=code) from None
+        qformer_ids = encoded.get("qformer_input_ids", [[]])[0]  # (none for BLIP-2, whose Q-Former reads no text)
+        if plan.prompt != plan.instruction and processor.qformer_tokenizer is not None:
             qformer_ids = processor(text=[plan.instruction], return_tensors=None)["qformer_input_ids"][0]
-        pixels = torch.from_numpy(encoded["pixel_values"][0])
         return pixels, qformer_ids, encoded["input_ids"][0]
 
     def submit(self, plan: ChatPlan, params: GenerationConfig, n: int, pixels: torch.Tensor, qformer_ids: list[int],
@@ -378,8 +389,9 @@ class _Server:
         def emit(batch: list) -> None:  # called from the worker thread
             mailbox.post(events, batch)
 
+        image_tokens = self.image_tokens * (pixels.shape[0] if plan.video else 1)
         job = Job(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=input_ids,
-                  image_tokens=self.image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline,
+                  image_tokens=image_tokens, params=params, n=n, emit=emit, stream=plan.stream, deadline=deadline,
                   logprobs=plan.logprobs)
         try:
             self.scheduler.submit(job)

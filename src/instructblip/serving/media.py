@@ -36,16 +36,18 @@ _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-def read_data_url(url: str, max_bytes: int) -> bytes:
+def read_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:
+    """The bytes of a base64 data URL of an `kind` ("image" or "video") MIME type (or none)."""
     head = _DATA_URL.match(url[:1024])
     if head is None:
-        raise ImageError("malformed data URL: expected data:image/<type>;base64,<data>")
+        raise ImageError(f"malformed data URL: expected data:{kind}/<type>;base64,<data>")
     mime = head["mime"].strip().lower()
     params = [p.strip().lower() for p in head["params"].split(";")[1:]]
     if "base64" not in params:
-        raise ImageError("only base64 data URLs are supported (data:image/<type>;base64,...)")
-    if mime and not mime.startswith("image/"):
-        raise ImageError(f"the data URL holds {mime!r}, not an image")
+        raise ImageError(f"only base64 data URLs are supported (data:{kind}/<type>;base64,...)")
+    if mime and not mime.startswith(f"{kind}/"):
+        raise ImageError(f"the data URL holds {mime!r}, not an {kind}" if kind == "image" else
+                         f"the data URL holds {mime!r}, not a {kind}")
     payload = url[head.end():]
     if len(payload) // 4 * 3 > max_bytes + 3:
         raise ImageError(f"the image is larger than {max_bytes} bytes")
@@ -212,11 +214,12 @@ def read_local_file(url: str, root: str, max_bytes: int) -> bytes:
 
 
 def read_image_bytes(url: str, *, max_bytes: int, allow_remote: bool, local_root: str | None,
-                     fetch_timeout: float) -> bytes:
-    """The bytes of an image URL: a data URL always; http(s) only if `allow_remote`; file:// only under `local_root`."""
+                     fetch_timeout: float, kind: str = "image") -> bytes:
+    """The bytes of an image (or, `kind="video"`, a video file) URL: a data URL always; http(s) only if
+    `allow_remote`; file:// only under `local_root`."""
     scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
     if scheme == "data":
-        return read_data_url(url, max_bytes)
+        return read_data_url(url, max_bytes, kind)
     if scheme in ("http", "https"):
         if not allow_remote:
             raise ImageError("remote image URLs are disabled on this server (start it with --allow-remote-images); "

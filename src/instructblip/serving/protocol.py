@@ -3,7 +3,9 @@ the mapping of a chat to (instruction, prompt, image) and to decoding settings.
 
 How a chat becomes an InstructBLIP input:
 - exactly one image per request (the model looks at one image): an `image_url` part in any message; none or more
-  than one is a 400, refused before any image is decoded.
+  than one is a 400, refused before any image is decoded. A video instead (vLLM's `video_url` part, a data: URL of
+  a video file or a URL the server may read): its frames are sampled uniformly (4, `load(num_frames=...)`) and each goes
+  through the vision encoder and the Q-Former.
 - the instruction is the text of the last message, which must come from the user (its text parts joined by
   newlines). An empty instruction captions the image (CAPTION_PROMPT, the paper's prompt).
 - earlier turns and system messages: `--history last` (default) leaves them out, which is what InstructBLIP was
@@ -157,7 +159,18 @@ class ImagePart(_Strict):
     image_url: ImageURL | str
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):
+    """vLLM's video content part: a video file as a data: URL (`data:video/mp4;base64,...`) or a URL."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -323,6 +336,7 @@ class ChatPlan:
     n: int
     logprobs: int | None = None  # None, or how many most likely tokens to report with each token
     kind: Literal["chat", "text"] = "chat"  # the response's shape: chat.completion or text_completion
+    video: bool = False  # `image_url` holds a video
 
 
 def plan_chat(req: ChatRequest, config: ServerConfig) -> ChatPlan:
@@ -343,14 +357,16 @@ def plan_chat(req: ChatRequest, config: ServerConfig) -> ChatPlan:
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if isinstance(part, ImagePart):
-                    images.append((f"messages.{i}.content.{j}.image_url", part.image_url))
+                    images.append((f"messages.{i}.content.{j}.image_url", part.image_url, False))
+                elif isinstance(part, VideoPart):
+                    images.append((f"messages.{i}.content.{j}.video_url", part.video_url, True))
     if not images:
-        raise bad_request("this model needs exactly one image: add an image_url content part", param="messages",
-                          code="image_required")
+        raise bad_request("this model needs exactly one image: add an image_url content part (or a video_url)",
+                          param="messages", code="image_required")
     if len(images) > 1:
-        raise bad_request(f"too many images: {len(images)}; this model takes exactly one image per request",
-                          param=images[1][0], code="too_many_images")
-    image_param, image = images[0]
+        raise bad_request(f"too many images: {len(images)}; this model takes exactly one image (or video) per "
+                          "request", param=images[1][0], code="too_many_images")
+    image_param, image, video = images[0]
     last = req.messages[-1]
     if last.role != "user":
         raise bad_request(f"the last message must come from the user, not {last.role!r}", param="messages")
@@ -372,7 +388,7 @@ def plan_chat(req: ChatRequest, config: ServerConfig) -> ChatPlan:
         instruction=instruction, prompt=prompt, image_url=image if isinstance(image, str) else image.url,
         image_param=image_param, stream=stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage), n=req.n or 1,
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None, video=video,
     )
 
 

@@ -100,10 +100,11 @@ Event = TextDelta | ChoiceEnd | Completed | Failed
 class Job:
     """One chat completion as the worker sees it. `emit` is called from the worker thread with a list of events."""
 
-    pixel_values: Tensor  # (3, H, W) float32, preprocessed
+    pixel_values: Tensor  # (3, H, W) float32, preprocessed; a video's frames (T, 3, H, W)
     qformer_input_ids: list[int]  # the instruction in the Q-Former's vocabulary, special tokens included
     input_ids: list[int]  # the language model's prompt: the `<image>` ids (if any), then the text ids
-    image_tokens: int  # how many leading ids of `input_ids` are `<image>` ids (kept in front when padding)
+    image_tokens: int  # how many leading ids of `input_ids` are `<image>` ids (kept in front when padding); T x Q for
+    # a video of T frames
     params: GenerationConfig  # validated; lengths in new tokens
     emit: Callable[[list[Event]], None]
     n: int = 1  # choices: sampled rows, the n best beams, or copies of one greedy row
@@ -319,11 +320,16 @@ class Scheduler:
                 return []  # a few slots free: wait a few steps for more to free, and admit them as one group
             taken: list[Job] = []
             tokens = len(self._rows) + sum(group.search.B * group.search.K for group in self._beams)  # rows a step runs
+            shape = None  # the pixels' shape of the group's first job: images and videos are admitted apart
             while self._queue and len(taken) < room:
                 job = self._queue[0]
                 beam = job.params.beam
                 if not beam and self._admission is not None:
                     break  # one admission group prefills at a time; this one waits for the next
+                if not beam and shape is not None and job.pixel_values.shape != shape:
+                    break  # an image after a video (or the reverse) waits for the next group
+                if not beam and shape is None:
+                    shape = job.pixel_values.shape
                 if not beam and taken and tokens + len(job.input_ids) > self.max_step_tokens:
                     break
                 self._queue.popleft()
@@ -480,7 +486,9 @@ class Scheduler:
 
     def _encode(self, jobs: list[Job]) -> Tensor:
         model = self.model
-        pixels = torch.stack([job.pixel_values for job in jobs]).to(model.device, model.dtype)
+        pixels = torch.stack([job.pixel_values for job in jobs]).to(model.device, model.dtype)  # (B, [T,] 3, H, W)
+        if self.processor.qformer_tokenizer is None:  # BLIP-2: the Q-Former reads no instruction
+            return image_features(model, pixels, cache=self.vision_cache)
         side = self.processor.qformer_tokenizer.padding_side
         ids, mask = pad([job.qformer_input_ids for job in jobs], self.qformer_pad, side, model.device)
         return image_features(model, pixels, ids, mask, cache=self.vision_cache)
@@ -671,9 +679,9 @@ class _Row:
 
 def _beam_group(job: Job) -> tuple:
     """Beam-search requests run together only with identical settings (stop strings are applied afterwards; a seed
-    matters only when sampling)."""
+    matters only when sampling) and pixels of one shape (images apart from videos)."""
     p = job.params
-    return (replace(p, stop_strings=(), seed=p.seed if p.do_sample else None), job.n)
+    return (replace(p, stop_strings=(), seed=p.seed if p.do_sample else None), job.n, tuple(job.pixel_values.shape))
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str, device) -> tuple[Tensor, Tensor]:

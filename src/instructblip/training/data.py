@@ -587,7 +587,9 @@ class Collator:
     """Examples -> model inputs and labels (see the module docstring for the layouts).
 
     Args:
-        processor: `InstructBlipProcessor` (its tokenizers and image-token settings are used).
+        processor: `InstructBlipProcessor` (its tokenizers and image-token settings are used); with a
+            `Blip2Processor` (no Q-Former tokenizer: BLIP-2's Q-Former reads no instruction) the batches hold no
+            `qformer_*` inputs.
         is_encoder_decoder: True for Flan-T5.
         max_prompt_length: instruction tokens kept (special tokens included), cut from the left (LAVIS 128).
         max_answer_length: target tokens kept, eos included, cut from the right (LAVIS 256).
@@ -629,14 +631,15 @@ class Collator:
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         prompts = [e["prompt"] for e in examples]
-        qformer_ids = self._encode(self.qformer_tokenizer, prompts, self.max_prompt_length, "left", True)
         prompt_ids = self._encode(self.tokenizer, prompts, self.max_prompt_length, "left", True)
         answer_ids = self._encode(self.tokenizer, [e["target"] for e in examples], self.max_answer_length - 1,
                                   "right", False)
         answer_ids = [ids + [self.eos_id] for ids in answer_ids]
-        qformer_pad = self.qformer_tokenizer.pad_token_id or 0
         batch: dict[str, Any] = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
-        batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qformer_ids, qformer_pad, "right")
+        if self.qformer_tokenizer is not None:
+            qformer_ids = self._encode(self.qformer_tokenizer, prompts, self.max_prompt_length, "left", True)
+            qformer_pad = self.qformer_tokenizer.pad_token_id or 0
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qformer_ids, qformer_pad, "right")
         if self.is_encoder_decoder:  # encoder: image + prompt; decoder targets: answer + eos
             encoder = [self.image_ids + p for p in prompt_ids]
             batch["input_ids"], batch["attention_mask"] = _pad(encoder, self.pad_id, "right")

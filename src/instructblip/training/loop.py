@@ -12,6 +12,8 @@ The recipe, with the paper's values as defaults:
   `vision_model.post_layernorm` here) are trained. `train_vision` / `train_language_model` unfreeze the others.
   The frozen ViT runs in eval mode (LAVIS `disabled_train`); the frozen LLM stays in train mode, as in LAVIS (its
   dropout, 0.1 for Flan-T5, stays on; `dropout` overrides every dropout rate).
+- A BLIP-2 checkpoint (its config says so) trains the same way with its Q-Former reading no instruction: the
+  paper's baseline, instruction tuning without instruction-aware visual features.
 - AdamW (0.9, 0.999), weight decay 0.05 (none on biases and 1-D tensors, as LAVIS `get_optimizer_params`),
   learning rate warmed up linearly from 1e-8 to 1e-5 over 1,000 steps, then cosine decay to 0 at `max_steps`
   (the paper's 60K). Per step, not per LAVIS "inner epoch". No gradient clipping unless `grad_clip` is set.
@@ -56,10 +58,10 @@ import torch.distributed as dist
 from torch import nn
 
 from instructblip.evaluation.metrics import exact_match, vqa_accuracy
-from instructblip.modeling import InstructBlipForConditionalGeneration
-from instructblip.models.config import InstructBlipConfig
+from instructblip.modeling import InstructBlipForConditionalGeneration, generation_class
+from instructblip.models.config import InstructBlipConfig, load_config
 from instructblip.models.instructblip import IGNORE_INDEX
-from instructblip.processing.processor import InstructBlipProcessor
+from instructblip.processing.processor import InstructBlipProcessor, processor_class
 from instructblip.progress import progress_bar
 from instructblip.training.checkpointing import (
     data_fingerprint,
@@ -222,11 +224,11 @@ def load_model(config: TrainConfig, rt: Runtime) -> tuple[InstructBlipForConditi
                                                           InstructBlipProcessor, list[str], dict[str, float]]:
     """The starting checkpoint and its processor, frozen as configured, with the trained weights in float32.
     Returns (model, processor, trained parameter names, the dropout rates to restore at export)."""
-    model_config = InstructBlipConfig.from_pretrained(config.model)
+    model_config = load_config(config.model)  # InstructBLIP, or BLIP-2 (its Q-Former trained without instruction)
     saved_dropout = override_dropout(model_config, config.dropout) if config.dropout is not None else {}
-    model = InstructBlipForConditionalGeneration.from_pretrained(config.model, dtype=rt.frozen_dtype, device=rt.device,
-                                                                 config=model_config)
-    processor = InstructBlipProcessor.from_pretrained(config.model)
+    model = generation_class(model_config).from_pretrained(config.model, dtype=rt.frozen_dtype, device=rt.device,
+                                                           config=model_config)
+    processor = processor_class(model_config).from_pretrained(config.model)
     if (model.config.image_token_index is not None) != processor.insert_image_tokens:
         raise ValueError(f"{config.model}: the model and processor disagree on image tokens (config "
                          f"image_token_index={model.config.image_token_index}, processor inserts: "
@@ -276,7 +278,7 @@ def override_dropout(config: InstructBlipConfig, rate: float) -> dict[str, float
     """Set every Q-Former / LLM dropout rate in the model config; returns the old values to restore at export."""
     q, t = config.qformer_config, config.text_config
     targets = [(q, "hidden_dropout_prob"), (q, "attention_probs_dropout_prob"), (t, "dropout_rate"),
-               (t, "attention_dropout")]
+               (t, "attention_dropout"), (t, "dropout")]  # (T5's, LLaMA's, OPT's names)
     saved = {}
     for obj, name in targets:
         if hasattr(obj, name):
@@ -542,8 +544,8 @@ def validate(model, processor, sources: list, config: TrainConfig, rt: Runtime) 
         if config.val_max_new_tokens > 0:
             with rt.autocast():
                 tokens = generate(model, pixel_values=inputs["pixel_values"],
-                                  qformer_input_ids=inputs["qformer_input_ids"],
-                                  qformer_attention_mask=inputs["qformer_attention_mask"],
+                                  qformer_input_ids=inputs.get("qformer_input_ids"),
+                                  qformer_attention_mask=inputs.get("qformer_attention_mask"),
                                   input_ids=batch["gen_input_ids"].to(rt.device),
                                   attention_mask=batch["gen_attention_mask"].to(rt.device),
                                   max_new_tokens=config.val_max_new_tokens, num_beams=config.val_num_beams)

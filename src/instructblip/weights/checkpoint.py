@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from instructblip.files import write_json
 from instructblip.hub import resolve_checkpoint_dir
-from instructblip.models.config import CONFIG_NAME, ConfigError, InstructBlipConfig, LlamaConfig, T5Config
+from instructblip.models.config import (
+    CONFIG_NAME,
+    ConfigError,
+    InstructBlipConfig,
+    LlamaConfig,
+    OPTConfig,
+    T5Config,
+)
 from instructblip.progress import progress_bar
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -39,6 +46,14 @@ _TOLERATED = [
     re.compile(r"^language_model\.(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),  # old LLaMA files
     re.compile(r"^language_model\.(encoder|decoder)\.embed_tokens\.weight$"),  # T5: aliases of shared.weight
 ]
+# keys BLIP-2 files carry that its conditional-generation model does not use: the Q-Former's text feed-forward
+# networks (written by transformers before `use_qformer_text_input`; no text reaches the Q-Former) and OPT's LM head
+# stored beside the embeddings it is tied to
+_TOLERATED_BLIP2 = [
+    re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)$"),
+    re.compile(r"^qformer\.embeddings\.position_ids$"),
+]
+_TIED_OPT_HEAD = "language_model.lm_head.weight"
 
 
 class CheckpointError(ValueError):
@@ -82,21 +97,27 @@ def _vision_map(config: InstructBlipConfig) -> list[Entry]:
 def _qformer_map(config: InstructBlipConfig) -> list[Entry]:
     q = config.qformer_config
     D = q.hidden_size
-    out = [
-        Entry("qformer.word_embeddings.weight", ("qformer.embeddings.word_embeddings.weight",)),
-        Entry("qformer.position_embeddings.weight", ("qformer.embeddings.position_embeddings.weight",)),
-        Entry("qformer.embed_norm.weight", ("qformer.embeddings.layernorm.weight",)),
-        Entry("qformer.embed_norm.bias", ("qformer.embeddings.layernorm.bias",)),
-    ]
+    if q.reads_instruction:
+        out = [
+            Entry("qformer.word_embeddings.weight", ("qformer.embeddings.word_embeddings.weight",)),
+            Entry("qformer.position_embeddings.weight", ("qformer.embeddings.position_embeddings.weight",)),
+            Entry("qformer.embed_norm.weight", ("qformer.embeddings.layernorm.weight",)),
+            Entry("qformer.embed_norm.bias", ("qformer.embeddings.layernorm.bias",)),
+        ]
+    else:  # BLIP-2: the queries' LayerNorm sits on the Q-Former itself
+        out = [Entry("qformer.embed_norm.weight", ("qformer.layernorm.weight",)),
+               Entry("qformer.embed_norm.bias", ("qformer.layernorm.bias",))]
     for i in range(q.num_hidden_layers):
         hf, ours = f"qformer.encoder.layer.{i}.", f"qformer.layers.{i}."
         for p in ("weight", "bias"):
             out.append(Entry(ours + f"qkv.{p}", tuple(hf + f"attention.attention.{n}.{p}" for n in
                                                      ("query", "key", "value")), (D, D, D)))
             single = {"attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-                      "text_ffn.fc1": "intermediate.dense", "text_ffn.fc2": "output.dense",
-                      "text_ffn.norm": "output.LayerNorm", "query_ffn.fc1": "intermediate_query.dense",
-                      "query_ffn.fc2": "output_query.dense", "query_ffn.norm": "output_query.LayerNorm"}
+                      "query_ffn.fc1": "intermediate_query.dense", "query_ffn.fc2": "output_query.dense",
+                      "query_ffn.norm": "output_query.LayerNorm"}
+            if q.reads_instruction:
+                single |= {"text_ffn.fc1": "intermediate.dense", "text_ffn.fc2": "output.dense",
+                           "text_ffn.norm": "output.LayerNorm"}
             if q.has_cross_attention(i):
                 single |= {"cross_q": "crossattention.attention.query", "cross_out": "crossattention.output.dense",
                            "cross_norm": "crossattention.output.LayerNorm"}
@@ -161,9 +182,37 @@ def _t5_map(c: T5Config, lm_head: bool) -> list[Entry]:
     return out
 
 
+def _opt_map(c: OPTConfig, causal_lm: bool, lm_head: bool) -> list[Entry]:
+    """transformers' `OPTForCausalLM` (`causal_lm`; BLIP-2's base model has it too) or `OPTModel` under
+    `language_model.`; `lm_head`: an untied head."""
+    hf, D = ("language_model.model.decoder." if causal_lm else "language_model.decoder."), c.hidden_size
+    out = [Entry("language_model.embed_tokens.weight", (hf + "embed_tokens.weight",)),
+           Entry("language_model.embed_positions.weight", (hf + "embed_positions.weight",))]
+    for name in ("project_in", "project_out"):
+        if c.word_embed_proj_dim != D:
+            out.append(Entry(f"language_model.{name}.weight", (hf + f"{name}.weight",)))
+    norms = ("weight", "bias") if c.layer_norm_elementwise_affine else ()
+    if c.has_final_layer_norm:
+        out += [Entry(f"language_model.final_norm.{p}", (hf + f"final_layer_norm.{p}",)) for p in norms]
+    linear = ("weight", "bias") if c.enable_bias else ("weight",)
+    for i in range(c.num_hidden_layers):
+        h, o = f"{hf}layers.{i}.", f"language_model.layers.{i}."
+        for p in linear:
+            out.append(Entry(o + f"attn.qkv.{p}", tuple(h + f"self_attn.{n}_proj.{p}" for n in "qkv"), (D, D, D)))
+            out += [Entry(o + f"{ours}.{p}", (h + f"{theirs}.{p}",))
+                    for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("fc1", "fc1"), ("fc2", "fc2"))]
+        for p in norms:
+            out += [Entry(o + f"attn_norm.{p}", (h + f"self_attn_layer_norm.{p}",)),
+                    Entry(o + f"mlp_norm.{p}", (h + f"final_layer_norm.{p}",))]
+    if lm_head:
+        out.append(Entry("language_model.lm_head.weight", ("language_model.lm_head.weight",)))
+    return out
+
+
 def weight_map(config: InstructBlipConfig, has_lm_head: bool = True, body_prefix: str | None = None) -> list[Entry]:
     """Every tensor of our model with the HF keys it is made of, for `InstructBlipForConditionalGeneration`
-    (`has_lm_head`) or `InstructBlipModel`. A tied head (`tie_word_embeddings`) has no entry.
+    (`has_lm_head`) or `InstructBlipModel` (and BLIP-2's and the video classes alike: the config says which Q-Former
+    and language model). A tied head (`tie_word_embeddings`) has no entry.
     `body_prefix`: where the LLaMA body lives, `language_model.model.` (with a head) or `language_model.` (without);
     the base model also reads the former."""
     text = config.text_config
@@ -174,6 +223,8 @@ def weight_map(config: InstructBlipConfig, has_lm_head: bool = True, body_prefix
     out += _vision_map(config) + _qformer_map(config)
     if isinstance(text, T5Config):
         out += _t5_map(text, untied_head)
+    elif isinstance(text, OPTConfig):
+        out += _opt_map(text, has_lm_head, untied_head)
     else:
         prefix = body_prefix or ("language_model.model." if has_lm_head else "language_model.")
         out += _llama_map(text, prefix, untied_head)
@@ -423,7 +474,8 @@ def load_pretrained(cls, path, dtype=None, device: str | torch.device | dict[str
                     config: InstructBlipConfig | None = None, mmap_ok: bool = True,
                     linear: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] | None = None,
                     progress: bool = True):
-    """Build `cls` (InstructBlipModel or InstructBlipForConditionalGeneration) from an HF-layout directory.
+    """Build `cls` (one of the public model classes of `modeling`; its `config_class` reads config.json) from an
+    HF-layout directory.
 
     `device`: one device for the whole model, or a device per top-level part (`PARTS`: each tensor goes to its
     part's device, so the vision encoder and the language model can sit on different GPUs).
@@ -444,7 +496,7 @@ def load_pretrained(cls, path, dtype=None, device: str | torch.device | dict[str
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{directory} is not a model checkpoint: it has no {CONFIG_NAME}")
         try:
-            config = InstructBlipConfig.from_json_file(config_path)
+            config = cls.config_class.from_json_file(config_path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
     reader = _Reader(directory)
@@ -457,7 +509,8 @@ def load_pretrained(cls, path, dtype=None, device: str | torch.device | dict[str
     # A head is tied when the config says so and the files bring no separate lm_head (transformers 5.x writes
     # tie_word_embeddings: true for every T5 but keeps Flan-T5's own lm_head in the files).
     text = config.text_config
-    if cls.has_lm_head and text.tie_word_embeddings and "language_model.lm_head.weight" in reader.where:
+    if (cls.has_lm_head and text.tie_word_embeddings and "language_model.lm_head.weight" in reader.where
+            and isinstance(text, T5Config)):
         text.tie_word_embeddings = False
     body_prefix = "language_model.model." if "language_model.model.norm.weight" in reader.where else None
     entries = weight_map(config, cls.has_lm_head, body_prefix)
@@ -466,7 +519,7 @@ def load_pretrained(cls, path, dtype=None, device: str | torch.device | dict[str
     targets = {name: t.shape for name, t in model.state_dict().items()}
     if set(targets) != {e.ours for e in entries}:  # internal invariant between the map and the modules
         raise AssertionError(f"weight map out of sync: {sorted(set(targets) ^ {e.ours for e in entries})[:5]}")
-    _check_keys(entries, targets, reader, directory, cls.has_lm_head)
+    _check_keys(entries, targets, reader, directory, cls.has_lm_head, config)
 
     # the linear layers that `linear` builds: module name -> the keys of its tensors, and its builder
     built: dict[str, dict[str, Tensor]] = {}
@@ -547,7 +600,7 @@ def _legacy_qkv_bias(entry: Entry) -> tuple[str, str] | None:
 
 
 def _check_keys(entries: list[Entry], targets: dict[str, torch.Size], reader: _Reader, directory: str,
-                has_lm_head: bool) -> None:
+                has_lm_head: bool, config: InstructBlipConfig) -> None:
     """Strict: every expected key present with its shape, every key in the files used or tolerated."""
     used: set[str] = set()
     missing = []
@@ -577,7 +630,10 @@ def _check_keys(entries: list[Entry], targets: dict[str, torch.Size], reader: _R
             f"{directory} lacks {len(missing)} weight(s) the config calls for, e.g. {missing[0]}{hint}; "
             "is the checkpoint complete and does config.json match it?"
         )
-    unexpected = [k for k in reader.where if k not in used and not any(p.match(k) for p in _TOLERATED)]
+    tolerated = _TOLERATED + (_TOLERATED_BLIP2 if not config.reads_instruction else [])
+    unexpected = [k for k in reader.where if k not in used and not any(p.match(k) for p in tolerated)]
+    if isinstance(config.text_config, OPTConfig) and config.text_config.tie_word_embeddings:
+        unexpected = [k for k in unexpected if k != _TIED_OPT_HEAD]  # the embeddings again
     if not has_lm_head:  # the base model reads a full checkpoint and leaves its head
         unexpected = [k for k in unexpected if k != "language_model.lm_head.weight"]
     if unexpected:

@@ -1,4 +1,5 @@
-"""Convert an original LAVIS InstructBLIP checkpoint into an HF-layout directory (which we and transformers load).
+"""Convert an original LAVIS InstructBLIP or BLIP-2 checkpoint into an HF-layout directory (which we and transformers
+load).
 
 LAVIS released the trained parts only (`query_tokens`, `Qformer.bert.*`, `llm_proj`/`t5_proj`, `ln_vision`); the
 vision encoder comes from EVA's own file (`eva_vit_g.pth`) and the LLM from its HF directory. The rename map is the
@@ -10,8 +11,13 @@ one of transformers' `convert_instructblip_original_to_pytorch.py` (docs/checkpo
     ln_vision                                                  -> vision_model.post_layernorm
     Qformer.bert.embeddings.LayerNorm                          -> qformer.embeddings.layernorm
     Qformer.bert.* ("attention.self" -> "attention.attention")  -> qformer.*
-    llm_proj / t5_proj                                         -> language_projection
-    llm_model.* / t5_model.*  (or the LLM directory's weights)  -> language_model.*
+    llm_proj / t5_proj / opt_proj                              -> language_projection
+    llm_model.* / t5_model.* / opt_model.*  (or the LLM dir's)  -> language_model.*
+
+A checkpoint whose Q-Former has no word embeddings is BLIP-2's (`blip2_opt`, `blip2_t5`: its Q-Former reads no
+text): it becomes a `Blip2Config` directory, its embeddings' LayerNorm `qformer.layernorm`; text feed-forward
+networks and the first stage's retrieval heads, if the file has them, are dropped (no text reaches the Q-Former).
+For OPT the eos becomes the id of "\n", where BLIP-2 ends its captions (LAVIS' `blip2_opt`).
 
 Every source key is either used or dropped on purpose with a reason (returned in the report); anything else is an
 error, so nothing is lost silently. `.pth` files are read with `torch.load(weights_only=True)` only.
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from instructblip.files import write_json
-from instructblip.models.config import InstructBlipConfig, text_config_from_dict
+from instructblip.models.config import Blip2Config, InstructBlipConfig, text_config_from_dict
 from instructblip.weights.checkpoint import CheckpointError, _parse_size, _Reader
 
 # EVA-CLIP-g has 40 blocks; BLIP-2 / InstructBLIP use the first 39 (penultimate-layer features)
@@ -140,7 +146,7 @@ def _resize_pos_embed(pos: Tensor, image_size: int, patch_size: int) -> Tensor:
     return torch.cat([pos[:, :1], grid], dim=1)
 
 
-def _qformer_and_projection(lavis: dict[str, Tensor], report: ConversionReport) -> dict[str, Loader]:
+def _qformer_and_projection(lavis: dict[str, Tensor], report: ConversionReport, blip2: bool) -> dict[str, Loader]:
     out: dict[str, Loader] = {}
     for key, tensor in lavis.items():
         if key == "query_tokens":
@@ -151,12 +157,19 @@ def _qformer_and_projection(lavis: dict[str, Tensor], report: ConversionReport) 
             report.dropped[key] = "buffer (positions are computed)"
             continue
         elif key.startswith("Qformer.bert.embeddings.LayerNorm."):
-            new = "qformer.embeddings.layernorm." + key.rsplit(".", 1)[1]
+            where = "qformer.layernorm." if blip2 else "qformer.embeddings.layernorm."
+            new = where + key.rsplit(".", 1)[1]
+        elif blip2 and re.match(r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.", key):
+            report.dropped[key] = "the Q-Former's text feed-forward (BLIP-2 feeds it no text)"
+            continue
+        elif blip2 and key.startswith(("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")) or key == "temp":
+            report.dropped[key] = "the first stage's retrieval / matching heads (not used for generation)"
+            continue
         elif key.startswith("Qformer.bert."):
             new = "qformer." + key[len("Qformer.bert."):]
             if "attention.self" in new:
                 new = new.replace("attention.self", "attention.attention")
-        elif key.startswith(("llm_proj.", "t5_proj.")):
+        elif key.startswith(("llm_proj.", "t5_proj.", "opt_proj.")):
             new = "language_projection." + key.split(".", 1)[1]
         else:
             continue
@@ -169,7 +182,7 @@ def _llm_from_lavis(lavis: dict[str, Tensor], report: ConversionReport) -> dict[
     """An untrimmed LAVIS checkpoint also holds the LLM (`llm_model.*` / `t5_model.*`)."""
     out: dict[str, Loader] = {}
     for key, tensor in lavis.items():
-        for prefix in ("llm_model.", "t5_model."):
+        for prefix in ("llm_model.", "t5_model.", "opt_model."):
             if key.startswith(prefix):
                 name = key[len(prefix):]
                 if re.fullmatch(r"(encoder|decoder)\.embed_tokens\.weight", name):
@@ -180,11 +193,12 @@ def _llm_from_lavis(lavis: dict[str, Tensor], report: ConversionReport) -> dict[
     return out
 
 
-def _llm_from_dir(llm_dir: str, report: ConversionReport) -> dict[str, Loader]:
+def _llm_from_dir(llm_dir: str, report: ConversionReport, opt: bool = False) -> dict[str, Loader]:
     reader = _Reader(llm_dir)
     out: dict[str, Loader] = {}
     for key in reader.where:
-        if re.fullmatch(r"(encoder|decoder)\.embed_tokens\.weight", key):
+        name = "model." + key if opt and key.startswith("decoder.") else key  # facebook/opt-* files: `decoder.*`
+        if not opt and re.fullmatch(r"(encoder|decoder)\.embed_tokens\.weight", key):
             report.dropped[f"{llm_dir}:{key}"] = "alias of shared.weight"
             continue
         if key.endswith("rotary_emb.inv_freq"):
@@ -196,7 +210,7 @@ def _llm_from_dir(llm_dir: str, report: ConversionReport) -> dict[str, Loader]:
             reader.read_into(k, t)
             return t
 
-        out["language_model." + key] = load
+        out["language_model." + name] = load
         report.used.append(f"{llm_dir}:{key}")
     return out
 
@@ -217,12 +231,14 @@ def convert_lavis(
     vision_heads: int = 16,
     qformer_heads: int = 12,
 ) -> ConversionReport:
-    """Write an HF-layout InstructBLIP directory to `out`. Returns what was used and what was dropped.
+    """Write an HF-layout InstructBLIP (or BLIP-2: a Q-Former without word embeddings) directory to `out`. Returns
+    what was used and what was dropped.
 
     Widths and depths are read from the tensors; head counts cannot be, so they are arguments (EVA ViT-g: 16,
-    BERT-base Q-Former: 12). `vision_layers`: how many EVA blocks to keep (39 for InstructBLIP)."""
+    BERT-base Q-Former: 12). `vision_layers`: how many EVA blocks to keep (39 for InstructBLIP and BLIP-2)."""
     report = ConversionReport()
     lavis = load_pth(lavis_checkpoint)
+    blip2 = "Qformer.bert.embeddings.word_embeddings.weight" not in lavis
     llm = os.fspath(llm)
     llm_config_path = os.path.join(llm, "config.json")
     if not os.path.isfile(llm_config_path):
@@ -236,7 +252,7 @@ def convert_lavis(
     if not vision_source:
         raise CheckpointError(f"{lavis_checkpoint} holds no vision encoder; pass --vision eva_vit_g.pth")
     tensors = _vision(vision_source, image_size, vision_layers, report)
-    tensors |= _qformer_and_projection(lavis, report)
+    tensors |= _qformer_and_projection(lavis, report, blip2)
     llm_tensors = _llm_from_lavis(lavis, report)
     if vision is not None:
         unknown = [k for k in vision_source if k not in report.used and k not in report.dropped]
@@ -247,13 +263,20 @@ def convert_lavis(
         raise CheckpointError(
             f"{lavis_checkpoint}: {len(unknown)} key(s) this converter does not know, e.g. {unknown[0]}"
         )
-    tensors |= llm_tensors or _llm_from_dir(llm, report)
-    for key in ("query_tokens", "language_projection.weight", "qformer.embeddings.word_embeddings.weight"):
+    tensors |= llm_tensors or _llm_from_dir(llm, report, opt=text.model_type == "opt")
+    if text.model_type == "opt" and text.tie_word_embeddings and "language_model.lm_head.weight" in tensors:
+        del tensors["language_model.lm_head.weight"]  # OPT's head is its embedding matrix
+        report.dropped["language_model.lm_head.weight"] = "OPT's LM head, tied to the token embeddings"
+    needed = ["query_tokens", "language_projection.weight"]
+    needed.append("qformer.layernorm.weight" if blip2 else "qformer.embeddings.word_embeddings.weight")
+    for key in needed:
         if key not in tensors:
-            raise CheckpointError(f"{lavis_checkpoint} lacks the weights for {key}: is it an InstructBLIP checkpoint?")
+            raise CheckpointError(f"{lavis_checkpoint} lacks the weights for {key}: is it an InstructBLIP or BLIP-2 "
+                                  "checkpoint?")
 
     # sizes from the tensors themselves
-    q_vocab, q_width = lavis["Qformer.bert.embeddings.word_embeddings.weight"].shape
+    q_width = lavis["query_tokens"].shape[-1]
+    q_vocab = 30522 if blip2 else lavis["Qformer.bert.embeddings.word_embeddings.weight"].shape[0]
     layers = {int(m.group(1)) for k in tensors if (m := re.match(r"qformer\.encoder\.layer\.(\d+)\.", k))}
     cross_key = re.compile(r"qformer\.encoder\.layer\.(\d+)\.crossattention\.")
     cross = sorted({int(m.group(1)) for k in tensors if (m := cross_key.match(k))})
@@ -267,14 +290,20 @@ def convert_lavis(
     kept = {int(m.group(1)) for k in tensors if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))}
     if len(kept) != vision_layers:
         raise CheckpointError(f"the vision weights have {len(kept)} blocks; {vision_layers} were asked for")
-    config = InstructBlipConfig(
+    if text.model_type == "opt":
+        newline = _newline_id(llm)
+        if newline is not None:
+            text.eos_token_id = newline
+    positions = 512 if blip2 else tensors["qformer.embeddings.position_embeddings.weight"]().shape[0]
+    ffn = "intermediate_query" if blip2 else "intermediate"
+    config = (Blip2Config if blip2 else InstructBlipConfig)(
         vision_config=dict(image_size=image_size, patch_size=patch, hidden_size=vision_width,
                            num_attention_heads=vision_heads, num_hidden_layers=vision_layers,
                            intermediate_size=tensors["vision_model.encoder.layers.0.mlp.fc1.weight"]().shape[0]),
         qformer_config=dict(vocab_size=q_vocab, hidden_size=q_width, num_hidden_layers=len(layers),
                             num_attention_heads=qformer_heads,
-                            intermediate_size=tensors["qformer.encoder.layer.0.intermediate.dense.weight"]().shape[0],
-                            max_position_embeddings=tensors["qformer.embeddings.position_embeddings.weight"]().shape[0],
+                            intermediate_size=tensors[f"qformer.encoder.layer.0.{ffn}.dense.weight"]().shape[0],
+                            max_position_embeddings=positions,
                             cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else 2),
         text_config=text.to_dict(),
         num_query_tokens=lavis["query_tokens"].shape[1],
@@ -284,9 +313,21 @@ def convert_lavis(
     for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(llm, name)):
             shutil.copy(os.path.join(llm, name), os.path.join(out, name))
-    if qformer_tokenizer is not None:
+    if qformer_tokenizer is not None and not blip2:
         shutil.copytree(qformer_tokenizer, os.path.join(out, "qformer_tokenizer"), dirs_exist_ok=True)
     return report
+
+
+def _newline_id(llm_dir: str) -> int | None:
+    """The id of "\n" in the LLM directory's tokenizer (None without a tokenizer there)."""
+    from instructblip.processing.tokenizers import Tokenizer
+
+    try:
+        ids = Tokenizer.from_pretrained(llm_dir).encode("\n", add_special_tokens=False)
+    except (OSError, ValueError):
+        return None
+    ids = ids.ids if hasattr(ids, "ids") else ids
+    return int(ids[-1]) if ids else None
 
 
 def _write(tensors: dict[str, Loader], config: InstructBlipConfig, out: str | os.PathLike, limit: int) -> None:

@@ -3,7 +3,8 @@
 Each video gives 4 frames sampled uniformly (LAVIS' `alpro_video_eval`, `n_frms: 4`); each frame goes through the
 vision encoder and the Q-Former with the instruction, and the 4 x Q query outputs are concatenated for the LLM
 (docs/recipe.md#video). A video is a file PyAV can decode or a folder of frame images (sorted by name, numbers in
-natural order). MSVD-QA and MSRVTT-QA rank the answer vocabulary (the paper's vocabulary ranking); iVQA generates.
+natural order); the reading is `processing/video.py`'s. MSVD-QA and MSRVTT-QA rank the answer vocabulary (the
+paper's vocabulary ranking); iVQA generates.
 """
 
 from __future__ import annotations
@@ -11,77 +12,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
-import os
-import re
 from pathlib import Path
-
-import numpy as np
 
 from instructblip.evaluation.metrics import exact_match, ivqa_accuracy
 from instructblip.evaluation.tasks.base import VQA_PROMPT, Benchmark, Sample, read_json
+from instructblip.processing.video import VIDEO_EXTENSIONS, frame_indices, read_frames
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def frame_indices(total: int, n: int) -> list[int]:
-    """LAVIS' uniform sampling, `np.arange(0, total, total / n).astype(int)`; a video shorter than n frames
-    repeats frames (LAVIS would return fewer, which the 4 x Q image tokens cannot take)."""
-    if total < 1:
-        raise ValueError("the video has no frames")
-    if total >= n:
-        return np.arange(0, total, total / n).astype(int)[:n].tolist()
-    return [i * total // n for i in range(n)]
-
-
-def read_frames(path: str | os.PathLike, n: int) -> list:
-    """`n` frames of a video file (RGB uint8 arrays, by PyAV) or of a folder of frame images (paths)."""
-    path = Path(path)
-    if path.is_dir():
-        frames = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS), key=_natural)
-        if not frames:
-            raise ValueError(f"{path} holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
-        return [str(frames[i]) for i in frame_indices(len(frames), n)]
-    if not path.exists():
-        raise FileNotFoundError(f"video {path} not found")
-    try:
-        import av
-    except ImportError:
-        raise ImportError("reading videos needs PyAV: pip install 'instructblip[eval]'") from None
-
-    try:
-        with av.open(str(path)) as container:
-            total = container.streams.video[0].frames
-        if total <= 0:  # no frame count in the header: count by decoding
-            with av.open(str(path)) as container:
-                total = sum(1 for _ in container.decode(video=0))
-        frames = _decode(path, frame_indices(total, n))
-        if len(frames) < n:  # the header over-counted: sample again from the frames that exist
-            with av.open(str(path)) as container:
-                total = sum(1 for _ in container.decode(video=0))
-            frames = _decode(path, frame_indices(total, n))
-    except av.FFmpegError as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from None
-    return frames
-
-
-def _decode(path: Path, indices: list[int]) -> list[np.ndarray]:
-    import av
-
-    wanted = collections.Counter(indices)
-    out = []
-    with av.open(str(path)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                out += [frame.to_ndarray(format="rgb24")] * wanted[i]  # (H, W, 3) uint8
-            if i >= indices[-1]:
-                break
-    return out
-
-
-def _natural(p: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
-
+__all__ = ["IVQA", "MSRVTTQA", "MSVDQA", "find_video", "frame_indices", "read_frames"]
 
 def find_video(root: Path, stems: list[str], folders: tuple[str, ...]) -> str | None:
     """The first video file (any of VIDEO_EXTENSIONS) or frame folder named by one of `stems` in `folders`."""
