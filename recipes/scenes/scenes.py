@@ -260,12 +260,16 @@ def ask(scene: Scene, kind: str, rng: random.Random, phrasing: int | None = None
     return Question(kind, p, template.format(**slots), answer, about)
 
 
-def questions_for(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = TYPES,
-                  per_type: int = 1) -> list[Question]:
-    """`per_type` questions of each type about `scene` (a type that cannot be asked of the scene is left out)."""
+def questions_for(scene: Scene, rng: random.Random, per_type: dict[str, int] | None = None) -> list[Question]:
+    """`per_type[kind]` questions of each type about `scene` (default: one of each); a type that cannot be asked of
+    the scene (left_of when every object is in one column) is left out."""
+    per_type = per_type or dict.fromkeys(TYPES, 1)
+    unknown = sorted(set(per_type) - set(TYPES))
+    if unknown:
+        raise ValueError(f"unknown question type(s) {unknown}; known: {', '.join(TYPES)}")
     out = []
-    for kind in kinds:
-        for _ in range(per_type):
+    for kind, count in per_type.items():
+        for _ in range(count):
             try:
                 out.append(ask(scene, kind, rng))
             except ValueError:
@@ -273,13 +277,13 @@ def questions_for(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = TYP
     return out
 
 
-def make_split(seed: int, split: str, n_scenes: int, kinds: tuple[str, ...] = TYPES, per_type: int = 1,
+def make_split(seed: int, split: str, n_scenes: int, per_type: dict[str, int] | None = None,
                n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)) -> list[tuple[Scene, list[Question]]]:
     """`n_scenes` scenes of a split, each with its questions; scene i depends on (seed, split, i) alone."""
     out = []
     for i in range(n_scenes):
         scene = sample_scene(rng_for(seed, split, i, "scene"), rng_for(seed, split, i, "n").randint(*n_objects))
-        out.append((scene, questions_for(scene, rng_for(seed, split, i, "questions"), kinds, per_type)))
+        out.append((scene, questions_for(scene, rng_for(seed, split, i, "questions"), per_type)))
     return out
 
 
