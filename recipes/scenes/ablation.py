@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import random
-import resource
 import statistics
 import sys
 import time
@@ -133,26 +132,24 @@ class Base:
         data, spec = cfg["data"], cfg["spec"]
         self.work, self.cfg = work, cfg
         seed = data["seed"]
-        t = time.time()
+        clock = Clock()
         self.train = R.make_split(seed, "train", data["train_scenes"], data["questions_per_scene"])
         self.test = R.make_split(data["test_seed"], "test", data["test_scenes"])
-        self.seconds = {"data": round(time.time() - t, 1)}
+        self.seconds = {"data": clock.lap()}
         self.held_in_templates = [t for i, t in enumerate(VQA_TEMPLATES) if i not in data["held_out_templates"]]
         self.vocab_file = R.make_tokenizers(work / "tokenizers", R.text_corpus([q for _, q in self.train.questions]),
                                             spec)
         init = R.write_model(work / "init", spec, spec["num_query_tokens"], work / "tokenizers", self.vocab_file, seed)
-        t = time.time()
+        self.seconds["tokenizers, initial model"] = clock.lap()
         vision = R.pretrain_vision(init, self.train, work / "stage0", cfg["stage0"], seed)
-        self.seconds["stage0"] = round(time.time() - t, 1)
-        t = time.time()
-        llm_templates = [VQA_TEMPLATES[i] for i in cfg["stage0_llm"]["templates"]]
-        self.pretrained = R.pretrain_language_model(vision, work / "stage0-llm", cfg["stage0_llm"], llm_templates,
-                                                    seed)
-        self.seconds["stage0_llm"] = round(time.time() - t, 1)
-        t = time.time()
+        self.seconds["stage0"] = clock.lap()
+        llm = cfg["stage0_llm"]
+        self.pretrained = R.pretrain_language_model(vision, work / "stage0-llm", llm,
+                                                    [VQA_TEMPLATES[i] for i in llm["templates"]], seed)
+        self.seconds["stage0_llm"] = clock.lap()
         self.features = {name: self._features(name, split) for name, split in (("train", self.train),
                                                                                 ("test", self.test))}
-        self.seconds["vit_features"] = round(time.time() - t, 1)
+        self.seconds["vit_features"] = clock.lap()
 
     def _features(self, name: str, split: R.Split) -> torch.Tensor:
         path = self.work / f"vit-{name}.pt"
@@ -208,13 +205,12 @@ def run_cell(base: Base, queries: int, seed: int, run: str, stage1: Path, sets: 
     start = R.with_instruction(stage1, root / "init", base.vocab_file, settings["reads_instruction"])
     stage = dict(cfg["stage2"], balance=settings["balance"])
     questions = [(s, q) for s, q in base.train.questions if q.type != data["held_out_type"]]
-    t = time.time()
+    clock = Clock()
     final = R.train_qformer(start, root / "stage2", stage, base.features["train"], questions, base.held_in_templates,
                             seed)
-    seconds = {"stage2": round(time.time() - t, 1)}
-    t = time.time()
+    seconds = {"stage2": clock.lap()}
     scores: dict = {c: R.evaluate(final, base.features["test"], sets[c]) for c in columns}
-    seconds["eval"] = round(time.time() - t, 1)
+    seconds["eval"] = clock.lap()
     scores["seconds"] = seconds
     cache.write_text(json.dumps(scores, indent=1) + "\n")
     print(f"[ablation] q{queries} seed {seed} {run}: " + ", ".join(
@@ -245,9 +241,18 @@ def table(results: dict, cfg: dict, all_runs: list[str], all_queries: list[int],
     return "\n".join(lines)
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+class Clock:
+    """Wall-clock and CPU seconds (every thread of this process) since the last lap: on a shared machine the CPU
+    seconds are the cost, the wall-clock ones depend on what else runs."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def lap(self) -> dict[str, float]:
+        wall, cpu = time.time(), time.process_time()
+        out = {"wall": round(wall - self.wall, 1), "cpu": round(cpu - self.cpu, 1)}
+        self.wall, self.cpu = wall, cpu
+        return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,15 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
     default = "scenes-quick" if args.quick else "scenes-ablation"
     work = Path(args.work_dir or REPO / "runs" / default)
     work.mkdir(parents=True, exist_ok=True)
-    wall, cpu = time.time(), cpu_seconds()
+    clock, total = Clock(), Clock()
     base = Base(work, cfg)
     sets = base.eval_sets()
     columns = ("held_in",) if args.quick else COLUMNS
     results, seconds = {}, dict(base.seconds)
     for q in cfg["queries"]:
-        t = time.time()
+        clock.lap()
         stage1 = base.stage1(q)
-        seconds[f"q{q} stage1"] = round(time.time() - t, 1)
+        seconds[f"q{q} stage1"] = clock.lap()
         for seed in cfg["seeds"]:
             for run in cfg["runs"]:
                 results[(q, seed, run)] = run_cell(base, q, seed, run, stage1, sets, columns)
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(results, cfg, list(config["runs"]), all_queries, all_seeds)
     sizes = ", ".join(f"{TITLES[c]} {len(v)}" for c, v in sets.items())
     text += f"\n\nAccuracy (%), greedy first token; test questions per column: {sizes}\n"
-    seconds.update(total_wall=round(time.time() - wall, 1), total_cpu=round(cpu_seconds() - cpu, 1))
+    seconds["total"] = total.lap()
     out = {"results": {f"q{q} seed{s} {r}": v for (q, s, r), v in sorted(results.items())}, "seconds": seconds,
            "settings": {k: v for k, v in cfg.items() if k != "spec"}, "threads": args.threads}
     (work / "ablation.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -209,8 +209,9 @@ def pretrain_vision(model_dir: Path, train: Split, out_dir: Path, settings: dict
             with torch.no_grad():
                 right = torch.stack([lg.argmax(-1) == targets[index][..., k] for k, lg in enumerate(logits)])
                 cell = right.all(0).float().mean().item()  # (3, B, 9) -> every attribute of a cell right
-            print(f"[stage 0] step {step + 1}/{steps} | loss {loss.item():.4f} | cells right {cell:.3f} | "
-                  f"lr {lr:.3g}", flush=True)
+                shape, color, size = right.float().mean((1, 2)).tolist()
+            print(f"[stage 0] step {step + 1}/{steps} | loss {loss.item():.4f} | cells right {cell:.3f} (shape "
+                  f"{shape:.3f}, colour {color:.3f}, size {size:.3f}) | lr {lr:.3g}", flush=True)
     return E.write_stage_model(model, model_dir, out)
 
 
@@ -218,19 +219,28 @@ def pretrain_vision(model_dir: Path, train: Split, out_dir: Path, settings: dict
 # Stage 0b: the LLM's pre-training on text scenes
 
 
-def text_batch(rng: random.Random, n: int, templates: list[str], kinds: tuple[str, ...]) -> list[tuple]:
+def text_batch(rng: random.Random, n: int, templates: list[str], kinds: tuple[str, ...],
+               max_objects: int = S.MAX_OBJECTS, word_share: float = 0.0) -> list[tuple]:
     """`n` text examples: (slots, prompt, answer, kind); slots: a list of 2..MAX_SLOTS entries, each an object's
-    five words or None (nothing), in random order."""
+    five words or None (nothing), in random order; scenes of 1..max_objects objects. A `word_share` of the examples
+    ask with one bare word, a colour or a shape: is it in the scene (yes / no, equally likely)?"""
     out = []
     while len(out) < n:
-        scene = S.sample_scene(rng, rng.randint(1, S.MAX_OBJECTS))
+        scene = S.sample_scene(rng, rng.randint(1, max_objects))
+        count = rng.randint(max(len(scene.objects), 2), MAX_SLOTS)
+        slots: list[Any] = [o.facts for o in scene.objects] + [None] * (count - len(scene.objects))
+        rng.shuffle(slots)
+        if rng.random() < word_share:
+            values = S.COLORS if rng.random() < 0.5 else S.SHAPES
+            present = {w for o in scene.objects for w in o.facts} & set(values)
+            absent = set(values) - present
+            answer = "yes" if not absent or (present and rng.random() < 0.5) else "no"
+            out.append((slots, rng.choice(sorted(present if answer == "yes" else absent)), answer, "word"))
+            continue
         try:
             question = S.ask(scene, rng.choice(kinds), rng)
         except ValueError:  # a relation question about a scene without two objects apart
             continue
-        count = rng.randint(max(len(scene.objects), 2), MAX_SLOTS)
-        slots: list[Any] = [o.facts for o in scene.objects] + [None] * (count - len(scene.objects))
-        rng.shuffle(slots)
         out.append((slots, render(rng.choice(templates), question.text), question.answer, question.type))
     return out
 
@@ -293,7 +303,11 @@ def pretrain_language_model(model_dir: Path, out_dir: Path, settings: dict, temp
         lr = E.warmup_cosine(settings["lr"], step, settings["warmup_steps"], steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        examples = text_batch(rng, settings["batch_size"], templates, S.TYPES)
+        # curriculum: scenes of one object first (each question then reads one slot), more objects as it goes
+        ramp = settings.get("curriculum_steps", 0)
+        max_objects = S.MAX_OBJECTS if step >= ramp else 1 + step * S.MAX_OBJECTS // ramp
+        examples = text_batch(rng, settings["batch_size"], templates, S.TYPES, max_objects,
+                              settings.get("word_share", 0.0))
         batch = text_inputs(examples, tokenizer, image_id, ids)
         embeds = slot_embeddings(lm.embed_tokens, batch["input_ids"], batch["slot_words"], image_id)
         logits = lm.logits(lm(embeds, batch["attention_mask"]))
