@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-real easyvqa easyvqa-ablation clean
+.PHONY: install test lint demo bench bench-real easyvqa easyvqa-ablation scenes-quick scenes-ablation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ easyvqa: $(STAMP)
 # stages 0, 0b and 1 it reuses), about an hour without
 easyvqa-ablation: $(STAMP)
 	$(BIN)/python recipes/easyvqa/ablation.py --eval-limit 1000 $$(test -f runs/easyvqa/summary.json && echo --base runs/easyvqa)
+
+# the instruction-aware Q-Former's ablation on scenes where the question decides what must be seen
+# (docs/instruction-ablation.md): the quick check, (a) against (b) at 2 query tokens, one seed, last line `gap: X.X points`
+scenes-quick: $(STAMP)
+	$(BIN)/python recipes/scenes/ablation.py --quick
+
+# every run, query count and seed (see docs/instruction-ablation.md for its cost); a rerun skips the cells done
+scenes-ablation: $(STAMP)
+	$(BIN)/python recipes/scenes/ablation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
