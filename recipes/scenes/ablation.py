@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import random
+import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", help="stage-2 seeds (default: ablation.yaml)")
     p.add_argument("--queries", type=int, nargs="+", help="query counts (default: ablation.yaml)")
     p.add_argument("--runs", nargs="+", help="runs among ablation.yaml's (default: all)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--jobs", type=int, default=2, help="processes side by side: stages 0 and 0b, and the stage-2 "
+                                                        "cells of a query count (default 2: one per core)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (on a shared machine, two "
+                                                          "threads per process ran many times slower than one)")
     # reduced sizes (the tests, quick tries)
     p.add_argument("--train-scenes", type=int)
     p.add_argument("--test-scenes", type=int)
@@ -73,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     args = p.parse_args(argv)
     for name in ("train_scenes", "test_scenes", "stage0_steps", "stage0_llm_steps", "stage1_steps", "stage2_steps",
-                 "batch_size", "threads"):
+                 "batch_size", "threads", "jobs"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -126,11 +132,11 @@ def settings(args: argparse.Namespace) -> dict:
 class Base:
     """What every cell shares: data, tokenizers, the pre-trained ViT and LLM, and the ViT's output per image."""
 
-    def __init__(self, work: Path, cfg: dict):
+    def __init__(self, work: Path, cfg: dict, jobs: int, threads: int):
         from instructblip.processing.templates import VQA_TEMPLATES
 
         data, spec = cfg["data"], cfg["spec"]
-        self.work, self.cfg = work, cfg
+        self.work, self.cfg, self.jobs, self.threads = work, cfg, jobs, threads
         seed = data["seed"]
         clock = Clock()
         self.train = R.make_split(seed, "train", data["train_scenes"], data["questions_per_scene"])
@@ -139,14 +145,14 @@ class Base:
         self.held_in_templates = [t for i, t in enumerate(VQA_TEMPLATES) if i not in data["held_out_templates"]]
         self.vocab_file = R.make_tokenizers(work / "tokenizers", R.text_corpus([q for _, q in self.train.questions]),
                                             spec)
-        init = R.write_model(work / "init", spec, spec["num_query_tokens"], work / "tokenizers", self.vocab_file, seed)
+        self.init = R.write_model(work / "init", spec, spec["num_query_tokens"], work / "tokenizers", self.vocab_file,
+                                  seed)
         self.seconds["tokenizers, initial model"] = clock.lap()
-        vision = R.pretrain_vision(init, self.train, work / "stage0", cfg["stage0"], seed)
-        self.seconds["stage0"] = clock.lap()
-        llm = cfg["stage0_llm"]
-        self.pretrained = R.pretrain_language_model(vision, work / "stage0-llm", llm,
-                                                    [VQA_TEMPLATES[i] for i in llm["templates"]], seed)
-        self.seconds["stage0_llm"] = clock.lap()
+        # stages 0 and 0b are independent (each trains its own part of the initial model): side by side with --jobs 2
+        vision, llm = parallel(self, _pretrain, ["vision", "llm"])
+        self.seconds["stage0 + stage0b" if jobs > 1 else "stage0, stage0b"] = clock.lap()
+        self.pretrained = R.write_model(work / "pretrained", spec, spec["num_query_tokens"], work / "tokenizers",
+                                        self.vocab_file, seed, vision_from=vision, llm_from=llm)
         self.features = {name: self._features(name, split) for name, split in (("train", self.train),
                                                                                 ("test", self.test))}
         self.seconds["vit_features"] = clock.lap()
@@ -169,7 +175,7 @@ class Base:
         data = self.cfg["data"]
         root = self.work / f"q{queries}"
         init = R.write_model(root / "init", self.cfg["spec"], queries, self.work / "tokenizers", self.vocab_file,
-                             data["seed"], parts_from=self.pretrained)
+                             data["seed"], vision_from=self.pretrained, llm_from=self.pretrained)
         templates = [VQA_TEMPLATES[i] for i in data["stage1_templates"]]
         return R.train_qformer(init, root / "stage1", dict(self.cfg["stage1"]), self.features["train"],
                                self.train.questions, templates, data["seed"])
@@ -192,15 +198,56 @@ class Base:
         return out
 
 
-def run_cell(base: Base, queries: int, seed: int, run: str, stage1: Path, sets: dict, columns=COLUMNS) -> dict:
-    """Stage 2 of one cell and its scores ({column: evaluate's result}, "seconds"); cached in the cell's folder."""
-    cfg, data = base.cfg, base.cfg["data"]
-    root = base.work / f"q{queries}" / f"seed{seed}" / run
-    cache = root / "scores.json"
+def parallel(base: Base, function, items: list) -> list:
+    """[function(base, item) for item in items], in `base.jobs` forked processes of `base.threads` torch threads
+    each when jobs > 1 (the children inherit `base`, data and cached ViT outputs included, without a copy)."""
+    global _BASE
+    if base.jobs <= 1 or len(items) <= 1:
+        return [function(base, item) for item in items]
+    _BASE = base
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(base.jobs, len(items)), mp_context=context) as pool:
+        return list(pool.map(_in_child, [function] * len(items), items))
+
+
+_BASE: Base | None = None
+
+
+def _in_child(function, item):
+    torch.set_num_threads(_BASE.threads)
+    return function(_BASE, item)
+
+
+def _pretrain(base: Base, part: str) -> Path:
+    """Stage 0 ("vision") or stage 0b ("llm"), each from the initial model."""
+    from instructblip.processing.templates import VQA_TEMPLATES
+
+    cfg, seed = base.cfg, base.cfg["data"]["seed"]
+    if part == "vision":
+        return R.pretrain_vision(base.init, base.train, base.work / "stage0", cfg["stage0"], seed)
+    llm = cfg["stage0_llm"]
+    return R.pretrain_language_model(base.init, base.work / "stage0-llm", llm,
+                                     [VQA_TEMPLATES[i] for i in llm["templates"]], seed)
+
+
+def cell_scores(work: Path, queries: int, seed: int, run: str, columns=COLUMNS) -> dict | None:
+    cache = work / f"q{queries}" / f"seed{seed}" / run / "scores.json"
     if cache.is_file():
         scores = json.loads(cache.read_text())
         if all(c in scores for c in columns):
             return scores
+    return None
+
+
+def run_cell(base: Base, cell: tuple) -> dict:
+    """Stage 2 of one cell (queries, seed, run, stage-1 model, evaluation sets, columns) and its scores ({column:
+    evaluate's result}, "seconds"); cached in the cell's folder."""
+    queries, seed, run, stage1, sets, columns = cell
+    cfg, data = base.cfg, base.cfg["data"]
+    root = base.work / f"q{queries}" / f"seed{seed}" / run
+    done = cell_scores(base.work, queries, seed, run, columns)
+    if done is not None:
+        return done
     settings = cfg["run_settings"][run]
     start = R.with_instruction(stage1, root / "init", base.vocab_file, settings["reads_instruction"])
     stage = dict(cfg["stage2"], balance=settings["balance"])
@@ -212,7 +259,7 @@ def run_cell(base: Base, queries: int, seed: int, run: str, stage1: Path, sets: 
     scores: dict = {c: R.evaluate(final, base.features["test"], sets[c]) for c in columns}
     seconds["eval"] = clock.lap()
     scores["seconds"] = seconds
-    cache.write_text(json.dumps(scores, indent=1) + "\n")
+    (root / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     print(f"[ablation] q{queries} seed {seed} {run}: " + ", ".join(
         f"{TITLES[c]} {scores[c]['greedy']:.1f}" for c in columns) + f" ({seconds})", flush=True)
     return scores
@@ -241,15 +288,21 @@ def table(results: dict, cfg: dict, all_runs: list[str], all_queries: list[int],
     return "\n".join(lines)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process (every thread) and of its finished child processes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class Clock:
-    """Wall-clock and CPU seconds (every thread of this process) since the last lap: on a shared machine the CPU
-    seconds are the cost, the wall-clock ones depend on what else runs."""
+    """Wall-clock and CPU seconds (this process and its finished children) since the last lap: on a shared machine
+    the CPU seconds are the cost, the wall-clock ones depend on what else runs."""
 
     def __init__(self):
-        self.wall, self.cpu = time.time(), time.process_time()
+        self.wall, self.cpu = time.time(), cpu_seconds()
 
     def lap(self) -> dict[str, float]:
-        wall, cpu = time.time(), time.process_time()
+        wall, cpu = time.time(), cpu_seconds()
         out = {"wall": round(wall - self.wall, 1), "cpu": round(cpu - self.cpu, 1)}
         self.wall, self.cpu = wall, cpu
         return out
@@ -263,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir or REPO / "runs" / default)
     work.mkdir(parents=True, exist_ok=True)
     clock, total = Clock(), Clock()
-    base = Base(work, cfg)
+    base = Base(work, cfg, args.jobs, args.threads)
     sets = base.eval_sets()
     columns = ("held_in",) if args.quick else COLUMNS
     results, seconds = {}, dict(base.seconds)
@@ -271,9 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
         clock.lap()
         stage1 = base.stage1(q)
         seconds[f"q{q} stage1"] = clock.lap()
-        for seed in cfg["seeds"]:
-            for run in cfg["runs"]:
-                results[(q, seed, run)] = run_cell(base, q, seed, run, stage1, sets, columns)
+        cells = [(q, seed, run, stage1, sets, columns) for seed in cfg["seeds"] for run in cfg["runs"]]
+        for cell, scores in zip(cells, parallel(base, run_cell, cells), strict=True):
+            results[cell[:3]] = scores
+        seconds[f"q{q} stage2 + eval"] = clock.lap()
     # every cell done in this work directory so far, for the table
     config = R.load_yaml(R.HERE / "ablation.yaml")
     all_queries = sorted(set(config["queries"]) | set(cfg["queries"]))
@@ -281,15 +335,14 @@ def main(argv: list[str] | None = None) -> dict:
     for q in all_queries:
         for seed in all_seeds:
             for run in config["runs"]:
-                cache = work / f"q{q}" / f"seed{seed}" / run / "scores.json"
-                if (q, seed, run) not in results and cache.is_file():
-                    results[(q, seed, run)] = json.loads(cache.read_text())
+                if (q, seed, run) not in results and (done := cell_scores(work, q, seed, run)) is not None:
+                    results[(q, seed, run)] = done
     text = table(results, cfg, list(config["runs"]), all_queries, all_seeds)
     sizes = ", ".join(f"{TITLES[c]} {len(v)}" for c, v in sets.items())
     text += f"\n\nAccuracy (%), greedy first token; test questions per column: {sizes}\n"
     seconds["total"] = total.lap()
     out = {"results": {f"q{q} seed{s} {r}": v for (q, s, r), v in sorted(results.items())}, "seconds": seconds,
-           "settings": {k: v for k, v in cfg.items() if k != "spec"}, "threads": args.threads}
+           "settings": {k: v for k, v in cfg.items() if k != "spec"}, "jobs": args.jobs, "threads": args.threads}
     (work / "ablation.json").write_text(json.dumps(out, indent=1) + "\n")
     (work / "ablation.md").write_text(text)
     print(text, flush=True)

@@ -118,9 +118,9 @@ def word_ids(tokenizer, words) -> dict[str, int]:
 
 
 def write_model(directory: Path, spec: dict, num_query_tokens: int, tokenizers: Path, vocab_file: Path, seed: int,
-                parts_from: Path | None = None) -> Path:
-    """An initial model with `num_query_tokens` queries (random, seeded; Q-Former blind to the instruction); with
-    `parts_from`, its ViT and LLM are taken from that model (the pre-trained ones). Kept if already there."""
+                vision_from: Path | None = None, llm_from: Path | None = None) -> Path:
+    """An initial model with `num_query_tokens` queries (random, seeded; Q-Former blind to the instruction), its ViT
+    taken from `vision_from` and its LLM from `llm_from` when given (the pre-trained ones). Kept if already there."""
     from instructblip import InstructBlipForConditionalGeneration
 
     if (directory / "model.safetensors").is_file():
@@ -129,11 +129,12 @@ def write_model(directory: Path, spec: dict, num_query_tokens: int, tokenizers: 
     tmp = directory.with_name(directory.name + ".tmp")
     E.write_initial_model(tmp, dict(spec, num_query_tokens=num_query_tokens), tokenizers / "llm", vocab, seed,
                           reads_instruction=False)
-    if parts_from is not None:
+    if vision_from is not None or llm_from is not None:
         model = InstructBlipForConditionalGeneration.from_pretrained(str(tmp))
-        source = InstructBlipForConditionalGeneration.from_pretrained(str(parts_from))
-        model.vision_model.load_state_dict(source.vision_model.state_dict())
-        model.language_model.load_state_dict(source.language_model.state_dict())
+        for part, source in (("vision_model", vision_from), ("language_model", llm_from)):
+            if source is not None:
+                trained = InstructBlipForConditionalGeneration.from_pretrained(str(source))
+                getattr(model, part).load_state_dict(getattr(trained, part).state_dict())
         model.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)

@@ -2,7 +2,7 @@
 
 A scene is a 3 x 3 grid (72 px: cells of 24 px) holding 3-6 objects in distinct cells on a textured background.
 Each object has a shape (6, distinct within a scene, so "the triangle" names one object), a colour (6, repeats
-allowed, at most 3 of one colour), a size (small: 10-12 px, big: 17-20 px) and a cell (row top / middle / bottom,
+allowed, at most 3 of one colour), a size (small: 12-14 px, big: 18-21 px) and a cell (row top / middle / bottom,
 column left / center / right), and is placed at a random point of its cell. That is 15-30 facts per image, more than
 a few query tokens can carry: a model must choose what to pass on, and only the question says what.
 
@@ -52,7 +52,7 @@ SIZES = ("small", "big")
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 NUMBERS = ("zero", "one", "two", "three")
-EXTENT = {"small": (10, 12), "big": (17, 20)}  # px, the object's width = height, both ends included
+EXTENT = {"small": (12, 14), "big": (18, 21)}  # px, the object's width = height, both ends included
 MAX_SAME_COLOR = 3
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
 
