@@ -68,8 +68,8 @@ def read_scene(image) -> list[dict]:
                 ys, xs = np.nonzero(m)
                 box = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
                 extent = max(box.shape)
-                assert extent <= 12 or extent >= 15, f"an object of {extent} px is neither small nor big"
-                out.append({"color": name, "row": row, "column": column, "size": "small" if extent <= 12 else "big",
+                assert extent <= 14 or extent >= 17, f"an object of {extent} px is neither small nor big"
+                out.append({"color": name, "row": row, "column": column, "size": "small" if extent <= 14 else "big",
                             "shape": classify(box)})
     return out
 

@@ -177,8 +177,13 @@ class Base:
         init = R.write_model(root / "init", self.cfg["spec"], queries, self.work / "tokenizers", self.vocab_file,
                              data["seed"], vision_from=self.pretrained, llm_from=self.pretrained)
         templates = [VQA_TEMPLATES[i] for i in data["stage1_templates"]]
-        return R.train_qformer(init, root / "stage1", dict(self.cfg["stage1"]), self.features["train"],
-                               self.train.questions, templates, data["seed"])
+        # nothing runs beside stage 1: it gets the threads of every job
+        torch.set_num_threads(self.jobs * self.threads)
+        try:
+            return R.train_qformer(init, root / "stage1", dict(self.cfg["stage1"]), self.features["train"],
+                                   self.train.questions, templates, data["seed"])
+        finally:
+            torch.set_num_threads(self.threads)
 
     def eval_sets(self) -> dict[str, list[tuple[int, S.Question, str]]]:
         """The three columns' (scene, question, prompt) lists, the same for every cell."""

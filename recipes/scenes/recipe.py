@@ -18,9 +18,9 @@ Q-Former-tokenizer functions it imports) on a world where the question decides w
 
 Stages 1 and 2 run the trainer's own pieces (`instructblip.training`: its `TrainConfig` from the stage YAML, the
 frozen/trained split, AdamW groups, learning-rate schedule, sqrt mixture and `MixturePlan`, the `Collator`), in a
-loop of the recipe's that computes the frozen ViT's output once per image instead of in every step: on 2 CPU cores
-the ViT forward was most of a step (docs/instruction-ablation.md has the numbers). The ViT's output is cached before
-its final LayerNorm, which stays trained as in the trainer (LAVIS' `ln_vision`).
+loop of the recipe's that computes the frozen ViT's output once per image instead of in every step, which would
+otherwise add the ViT's forward pass to each one (docs/instruction-ablation.md says how much). The ViT's output is
+cached before its final LayerNorm, which stays trained as in the trainer (LAVIS' `ln_vision`).
 """
 
 from __future__ import annotations
