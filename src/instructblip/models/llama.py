@@ -191,7 +191,62 @@ class LlamaBlock(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
-class Llama(nn.Module):
+class DecoderOnly(nn.Module):
+    """The decoder interface generation uses, shared by the decoder-only models (LLaMA, OPT; T5 implements the same
+    methods over its encoder-decoder): a subclass provides `embed_tokens`, `lm_head` (None when tied to the input
+    embeddings), `new_cache()` and `forward(inputs_embeds, attention_mask, position_ids, cache)` -> hidden states."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed_tokens.weight)
+
+    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int
+                ) -> tuple[LlamaDecodeState, Tensor]:
+        """Run the prompt (B, L, D) once into a cache with room for `max_new_tokens` more; returns the state and the
+        float32 logits for the first new token (B, V). Positions are `cumsum(mask) - 1` as in transformers'
+        generate, so left padding gives the positions an unpadded prompt would have."""
+        *_, done = self.prefill_chunks(inputs_embeds, attention_mask, max_new_tokens, inputs_embeds.shape[1])
+        return done
+
+    def prefill_chunks(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int, chunk: int
+                       ) -> Iterator[tuple[LlamaDecodeState, Tensor] | None]:
+        """`prefill`, `chunk` prompt positions per `next()` (a server interleaves them with the decoding steps of
+        a running batch): None after each chunk but the last, then (state, logits)."""
+        B, L, _ = inputs_embeds.shape
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
+        cache = self.new_cache(B, L + max_new_tokens)
+        for start in range(0, L, max(1, chunk)):
+            end = min(L, start + max(1, chunk))
+            hidden = self(inputs_embeds[:, start:end], attention_mask[:, :end], positions[:, start:end], cache)
+            if end < L:
+                yield None
+        state = LlamaDecodeState(cache, attention_mask, positions[:, -1], padded=not bool(attention_mask.all()))
+        yield state, self.logits(hidden[:, -1]).float()
+
+    def step(self, state: LlamaDecodeState, tokens: Tensor) -> Tensor:
+        """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
+        mask = None  # no padding: one new token attends to every position, no mask needed
+        if state.padded:
+            ones = state.attention_mask.new_ones(tokens.shape[0], 1)
+            state.attention_mask = mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
+        state.positions = state.positions + 1
+        hidden = self(self.embed_tokens(tokens[:, None]), mask, state.positions[:, None], state.cache)
+        return self.logits(hidden[:, -1]).float()
+
+    def prompt_memory(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """What `continuation_hidden` reads of a prompt: for a decoder-only model, the prompt embeddings."""
+        return inputs_embeds
+
+    def continuation_hidden(self, memory: Tensor, attention_mask: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+        """Teacher forcing of `targets` (R, n) after the prompts (R, L, D) (rows left-aligned, `valid` marks real
+        target tokens): hidden states (R, n, D), position i predicting target i."""
+        L = attention_mask.shape[1]
+        embeds = torch.cat([memory, self.embed_tokens(targets)], 1)  # (R, L + n, D)
+        mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)  # (R, L + n)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return self(embeds, mask, positions)[:, L - 1 : L - 1 + targets.shape[1]]
+
+
+class Llama(DecoderOnly):
     """Decoder-only language model over input embeddings. `lm_head` is None in the base `InstructBlipModel` and when
     tied to the input embeddings (then `logits()` uses `embed_tokens.weight`)."""
 
@@ -245,57 +300,6 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(x)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed_tokens.weight)
-
-    # ---- the decoder interface generation uses (T5 implements the same four methods) ----
-
-    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int
-                ) -> tuple[LlamaDecodeState, Tensor]:
-        """Run the prompt (B, L, D) once into a cache with room for `max_new_tokens` more; returns the state and the
-        float32 logits for the first new token (B, V). Positions are `cumsum(mask) - 1` as in transformers'
-        generate, so left padding gives the positions an unpadded prompt would have."""
-        *_, done = self.prefill_chunks(inputs_embeds, attention_mask, max_new_tokens, inputs_embeds.shape[1])
-        return done
-
-    def prefill_chunks(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int, chunk: int
-                       ) -> Iterator[tuple[LlamaDecodeState, Tensor] | None]:
-        """`prefill`, `chunk` prompt positions per `next()` (a server interleaves them with the decoding steps of
-        a running batch): None after each chunk but the last, then (state, logits)."""
-        B, L, _ = inputs_embeds.shape
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
-        cache = self.new_cache(B, L + max_new_tokens)
-        for start in range(0, L, max(1, chunk)):
-            end = min(L, start + max(1, chunk))
-            hidden = self(inputs_embeds[:, start:end], attention_mask[:, :end], positions[:, start:end], cache)
-            if end < L:
-                yield None
-        state = LlamaDecodeState(cache, attention_mask, positions[:, -1], padded=not bool(attention_mask.all()))
-        yield state, self.logits(hidden[:, -1]).float()
-
-    def step(self, state: LlamaDecodeState, tokens: Tensor) -> Tensor:
-        """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
-        mask = None  # no padding: one new token attends to every position, no mask needed
-        if state.padded:
-            ones = state.attention_mask.new_ones(tokens.shape[0], 1)
-            state.attention_mask = mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
-        state.positions = state.positions + 1
-        hidden = self(self.embed_tokens(tokens[:, None]), mask, state.positions[:, None], state.cache)
-        return self.logits(hidden[:, -1]).float()
-
-    def prompt_memory(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """What `continuation_hidden` reads of a prompt: for a decoder-only model, the prompt embeddings."""
-        return inputs_embeds
-
-    def continuation_hidden(self, memory: Tensor, attention_mask: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-        """Teacher forcing of `targets` (R, n) after the prompts (R, L, D) (rows left-aligned, `valid` marks real
-        target tokens): hidden states (R, n, D), position i predicting target i."""
-        L = attention_mask.shape[1]
-        embeds = torch.cat([memory, self.embed_tokens(targets)], 1)  # (R, L + n, D)
-        mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)  # (R, L + n)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        return self(embeds, mask, positions)[:, L - 1 : L - 1 + targets.shape[1]]
 
 
 class LlamaDecodeState:

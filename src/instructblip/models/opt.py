@@ -12,7 +12,6 @@ positions differ, learned embeddings read at `cumsum(mask) - 1` instead of rotat
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from instructblip.models.config import OPTConfig
-from instructblip.models.llama import KVCache, LlamaDecodeState, causal_mask
+from instructblip.models.llama import DecoderOnly, KVCache, causal_mask
 
 POSITION_OFFSET = 2  # fairseq kept rows 0 and 1 of the position table for padding; position p reads row p + 2
 _ACT = {"relu": F.relu, "gelu": F.gelu}
@@ -76,7 +75,7 @@ class OPTBlock(nn.Module):
         return self.mlp_norm(x + self._drop(self.fc2(self.act(self.fc1(x)))))
 
 
-class OPT(nn.Module):
+class OPT(DecoderOnly):
     """Decoder-only language model over input embeddings (of width `word_embed_proj_dim`). `lm_head` is None when
     tied to the input embeddings (every OPT: then `logits()` uses `embed_tokens.weight`)."""
 
@@ -141,54 +140,3 @@ class OPT(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x if self.project_out is None else self.project_out(x)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed_tokens.weight)
-
-    # ---- the decoder interface generation uses (as LLaMA's, whose decoding state it shares) ----
-
-    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int
-                ) -> tuple[LlamaDecodeState, Tensor]:
-        """Run the prompt (B, L, E) once into a cache with room for `max_new_tokens` more; returns the state and the
-        float32 logits for the first new token (B, V). Positions are `cumsum(mask) - 1` as in transformers'
-        generate, so left padding gives the positions an unpadded prompt would have."""
-        *_, done = self.prefill_chunks(inputs_embeds, attention_mask, max_new_tokens, inputs_embeds.shape[1])
-        return done
-
-    def prefill_chunks(self, inputs_embeds: Tensor, attention_mask: Tensor, max_new_tokens: int, chunk: int
-                       ) -> Iterator[tuple[LlamaDecodeState, Tensor] | None]:
-        """`prefill`, `chunk` prompt positions per `next()`: None after each chunk but the last, then (state,
-        logits)."""
-        B, L, _ = inputs_embeds.shape
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
-        cache = self.new_cache(B, L + max_new_tokens)
-        for start in range(0, L, max(1, chunk)):
-            end = min(L, start + max(1, chunk))
-            hidden = self(inputs_embeds[:, start:end], attention_mask[:, :end], positions[:, start:end], cache)
-            if end < L:
-                yield None
-        state = LlamaDecodeState(cache, attention_mask, positions[:, -1], padded=not bool(attention_mask.all()))
-        yield state, self.logits(hidden[:, -1]).float()
-
-    def step(self, state: LlamaDecodeState, tokens: Tensor) -> Tensor:
-        """Feed one token per row (N,); returns the float32 logits for the next one (N, V)."""
-        mask = None  # no padding: one new token attends to every position, no mask needed
-        if state.padded:
-            ones = state.attention_mask.new_ones(tokens.shape[0], 1)
-            state.attention_mask = mask = torch.cat([state.attention_mask, ones], 1)  # (N, filled + 1)
-        state.positions = state.positions + 1
-        hidden = self(self.embed_tokens(tokens[:, None]), mask, state.positions[:, None], state.cache)
-        return self.logits(hidden[:, -1]).float()
-
-    def prompt_memory(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """What `continuation_hidden` reads of a prompt: for a decoder-only model, the prompt embeddings."""
-        return inputs_embeds
-
-    def continuation_hidden(self, memory: Tensor, attention_mask: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-        """Teacher forcing of `targets` (R, n) after the prompts (R, L, E) (rows left-aligned, `valid` marks real
-        target tokens): hidden states (R, n, E), position i predicting target i."""
-        L = attention_mask.shape[1]
-        embeds = torch.cat([memory, self.embed_tokens(targets)], 1)  # (R, L + n, E)
-        mask = torch.cat([attention_mask, valid.to(attention_mask.dtype)], 1)  # (R, L + n)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        return self(embeds, mask, positions)[:, L - 1 : L - 1 + targets.shape[1]]
