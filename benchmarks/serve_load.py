@@ -20,7 +20,10 @@ either tree), to tell the scheduler's share from the server's.
 Models: `builtin` is the easy-vqa model shipped in the package (the default of `serve`); `random` a larger random
 model built here (ViT 12L/384 on 224/14, Q-Former 4L/384, LLaMA 4L/512 with a 32k vocabulary, 32 query tokens; the
 tokenizer files from tests/assets.py). Both servers run with their defaults but for the queue, connection and
-request caps raised to 4096 (nothing is turned away) and a vision cache of 0 (of 64 with `--image-pool`).
+request caps raised to 4096 (nothing is turned away) and a vision cache of 0 (of 64 with `--image-pool`). The
+continuous server's default batch is larger than the round scheduler's 16 (64 for these models); `--in-process` also
+times the round scheduler at that batch size, so that the report shows what the batch size gives apart from the
+scheduling.
 """
 
 from __future__ import annotations
@@ -273,8 +276,14 @@ import json, math, random, sys, threading, time
 import numpy as np, torch, instructblip
 from instructblip.serving.scheduler import Completed, Job, Scheduler
 from instructblip.generation.config import GenerationConfig
-model, n, low, high, seed = json.loads(sys.argv[1])
+model, n, low, high, seed, batch = json.loads(sys.argv[1])
 vlm = instructblip.load(model)
+if not batch:  # what `serve` runs with by default: the tree's automatic batch size where it has one
+    try:
+        from instructblip.serving.scheduler import default_batch_size
+        batch = default_batch_size(vlm.model, 256)
+    except ImportError:
+        batch = 16
 proc = vlm.processor
 rng = np.random.default_rng(seed)
 encoded = []
@@ -284,7 +293,7 @@ for _ in range(16):
     encoded.append((torch.from_numpy(e["pixel_values"][0]), e["qformer_input_ids"][0], e["input_ids"][0]))
 r = random.Random(seed)
 lengths = [round(math.exp(r.uniform(math.log(low), math.log(high)))) for _ in range(n)]
-s = Scheduler(vlm.model, proc, vision_cache=None, max_queue=n + 1)
+s = Scheduler(vlm.model, proc, vision_cache=None, max_queue=n + 1, max_batch_size=batch)
 s.start()
 done = threading.Semaphore(0)
 def emit(events):
@@ -301,13 +310,14 @@ for _ in lengths:
     done.acquire()
 wall = time.perf_counter() - start
 s.stop()
-print(json.dumps({"rps": n / wall, "tps": sum(lengths) / wall}))
+print(json.dumps({"rps": n / wall, "tps": sum(lengths) / wall, "batch": batch}))
 """
 
 
-def in_process(model: str | None, source: str, n: int, lengths: tuple[int, int], seed: int) -> dict:
+def in_process(model: str | None, source: str, n: int, lengths: tuple[int, int], seed: int, batch: int = 0) -> dict:
+    """`batch`: the scheduler's max_batch_size (0: `serve`'s default on that tree)."""
     env = {**os.environ, "PYTHONPATH": source}
-    out = subprocess.run([sys.executable, "-c", IN_PROCESS, json.dumps([model, n, *lengths, seed])], env=env,
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS, json.dumps([model, n, *lengths, seed, batch])], env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -331,6 +341,10 @@ def report(model_name: str, model: str | None, sources: dict, args) -> list[str]
     for repeat in range(args.repeats if args.in_process else 0):  # before the servers start: a quiet machine
         for label, source in sources.items():
             alone.setdefault(label, []).append(in_process(model, source, args.in_process, lengths, repeat))
+        batch = alone["continuous"][-1]["batch"]
+        if batch != alone["rounds"][-1]["batch"]:  # the round scheduler given the same batch size, for fairness
+            alone.setdefault("rounds, same batch", []).append(
+                in_process(model, sources["rounds"], args.in_process, lengths, repeat, batch))
     servers = {label: start_server(model, source, extra[label], cache) for label, source in sources.items()}
     try:
         for _, base in servers.values():  # warm-up
@@ -378,11 +392,17 @@ def report(model_name: str, model: str | None, sources: dict, args) -> list[str]
     if alone:
         new, old = alone["continuous"], alone["rounds"]
         out.append(f"- The scheduler alone (no HTTP; {args.in_process} requests queued at once, 16 images, "
-                   f"{args.repeats} runs each): continuous {span([r['rps'] for r in new], digits=1)} req/s "
-                   f"({span([r['tps'] for r in new], digits=0)} tokens/s), rounds "
+                   f"{args.repeats} runs each): continuous (batch {new[0]['batch']}) "
+                   f"{span([r['rps'] for r in new], digits=1)} req/s "
+                   f"({span([r['tps'] for r in new], digits=0)} tokens/s), rounds (batch {old[0]['batch']}) "
                    f"{span([r['rps'] for r in old], digits=1)} req/s "
                    f"({span([r['tps'] for r in old], digits=0)} tokens/s): "
                    f"{span([a['rps'] / b['rps'] for a, b in zip(new, old, strict=True)])}x")
+        if "rounds, same batch" in alone:
+            same = alone["rounds, same batch"]
+            out.append(f"- The round scheduler alone at the same batch size ({same[0]['batch']}): "
+                       f"{span([r['rps'] for r in same], digits=1)} req/s; continuous is "
+                       f"{span([a['rps'] / b['rps'] for a, b in zip(new, same, strict=True)])}x that")
     return out + [""]
 
 

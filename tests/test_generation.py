@@ -712,7 +712,8 @@ def test_rows_with_their_own_settings_decode_as_they_would_alone(hf_checkpoints,
 def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoints, family):
     """Continuous batching: runs over other prompts join a running batch between steps (`Decoding.admit`; the
     last one prefilled a few positions at a time, as the server does while a batch runs); every row's tokens and
-    log-probabilities equal those of a run for it alone, and finished rows leave. In float64, so that a sampled
+    log-probabilities equal those of a run for it alone, and finished rows leave (between steps, or in the copy of
+    the cache a join makes). In float64, so that a sampled
     token cannot flip on float32 noise between batch sizes."""
     from instructblip.generation.decode import penalty_prefix, prefill_chunks
 
@@ -729,7 +730,8 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
                # greedy like item 0 but for its penalty and minimum length: the two are processed as one group
                GenerationConfig(max_new_tokens=11, min_new_tokens=8, repetition_penalty=1.2, no_repeat_ngram_size=2,
                                 eos_token_id=eos)]
-    joins = {0: 0, 1: 3, 2: 5, 3: 5}  # item: the step of the running batch before which it joins
+    joins = {0: 0, 1: 3, 2: 5, 3: 12}  # item: the step of the running batch before which it joins (item 1 has ended
+    # by step 12: its rows leave in that join's copy)
 
     def one(b: int) -> dict:
         return {k: v[b:b + 1] for k, v in inputs.items() if k != "pixel_values"} | {
@@ -748,6 +750,10 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
             prefilled = chunks[-1]
         return Decoding(ours, prompt, settings, copies, prefix, ignore, logprobs=[3], prefilled=prefilled)
 
+    def running_rows(run: Decoding, owners: list) -> list[int]:  # an item's rows leave together
+        items_running = {owners[r][0] for r in range(run.rows) if run.reason[r] is None}
+        return [r for r in range(run.rows) if owners[r][0] in items_running]
+
     with torch.inference_mode():
         alone = {}
         for b in range(4):
@@ -757,16 +763,19 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
                     if run.logprobs[r] is not None:
                         rows.setdefault(r, []).append((int(run.history[r, -1]), run.logprobs[r]))
             alone.update({(b, r): v for r, v in rows.items()})
-        run, owners, got, step, grouped = None, [], {}, 0, False
+        run, owners, got, step, grouped, left_in_join = None, [], {}, 0, False, False
         while True:
             for b, at in joins.items():
                 if at == step:
                     new = start(b, chunk=4 if b == 2 else None)
-                    owners += [(b, r) for r in range(new.rows)]
                     if run is None:
                         run = new
-                    else:
-                        run.admit(new)
+                    else:  # finished items leave in the join's copy (as the server does)
+                        keep = running_rows(run, owners)
+                        left_in_join |= len(keep) < run.rows
+                        run.admit(new, keep)
+                        owners = [owners[r] for r in keep]
+                    owners += [(b, r) for r in range(new.rows)]
             if run is None or run.done() and max(joins.values()) <= step:
                 break
             if not run.done():
@@ -776,13 +785,13 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(hf_checkpoint
                     if run.logprobs[r] is not None:
                         got.setdefault(owner, []).append((tokens[r], run.logprobs[r]))
             step += 1
-            items_running = {owners[r][0] for r in range(run.rows) if run.reason[r] is None}
-            keep = [r for r in range(run.rows) if owners[r][0] in items_running]
-            if keep and len(keep) < run.rows:
+            keep = running_rows(run, owners)
+            if keep and run.rows - len(keep) >= len(keep):  # the server's rule: ended rows wait for a join
                 run.keep(keep)
                 owners = [owners[r] for r in keep]
     assert set(got) == set(alone) == {(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)}
     assert grouped  # items 0 and 3 ran as one greedy group
+    assert left_in_join
     for owner, expected in alone.items():
         assert [t for t, _ in got[owner]] == [t for t, _ in expected], owner
         for (_, a), (_, b) in zip(got[owner], expected, strict=True):

@@ -224,3 +224,58 @@ def test_text_completion_errors(llama, images, fields, param):
     request = {"model": MODEL, **{k: url if v == "IMG" else v for k, v in fields.items()}}
     r = httpx.post(f"{base}/v1/completions", json=request, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_default_batch_is_what_memory_holds(tmp_path):
+    """Without --max-batch-size the server runs as many requests at once as a quarter of the free memory holds the
+    KV caches of (answers of the default length), 64 at most: a 7B model on a 24 GB machine gets a small batch, a GPU
+    or a small model a full one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from instructblip import InstructBlipConfig
+    from instructblip.serving.scheduler import MAX_DEFAULT_BATCH, default_batch_size
+
+    def model(preset: str, dtype=torch.bfloat16):
+        return SimpleNamespace(config=InstructBlipConfig.from_name(preset), dtype=dtype, device=torch.device("cpu"))
+
+    # Vicuna-7B: 32 layers x 2 x 4096 x 2 bytes per position, 32 + 64 + 256 positions: 184.5 MB per request
+    assert default_batch_size(model("vicuna-7b"), 256, available=8 * 10**9) == 2 * 10**9 // 184_549_376 == 10
+    assert default_batch_size(model("vicuna-7b"), 256, available=80 * 10**9) == MAX_DEFAULT_BATCH
+    assert default_batch_size(model("vicuna-7b"), 256, available=10**8) == 1  # never none
+    # Flan-T5-XL: 24 decoder layers x 2 x (32 x 64) x 2 bytes per position
+    assert default_batch_size(model("flan-t5-xl"), 256, available=8 * 10**9) == 2 * 10**9 // (2 * 24 * 2048 * 352 * 2)
+    assert default_batch_size(model("vicuna-7b", torch.float32), 256, available=8 * 10**9) == 5
+    vlm = instructblip.load(make_full_checkpoint(tmp_path, "llama"))
+    assert create_app(vlm, model_name=MODEL).state.scheduler.max_batch_size == MAX_DEFAULT_BATCH
+    assert create_app(vlm, model_name=MODEL, max_batch_size=3).state.scheduler.max_batch_size == 3
+
+
+def test_under_load_the_event_loop_takes_the_workers_events_less_often():
+    """The worker's events reach the event loop at once for a lone request, and at most every 0.5 ms per request
+    that had events under load (each flush writes to every stream; `_Mailbox`)."""
+    from instructblip.serving.app import FLUSH_PER_REQUEST, _Mailbox
+
+    async def main():
+        box = _Mailbox(asyncio.get_running_loop())
+        queues = [asyncio.Queue() for _ in range(64)]
+        box.post(queues[0], ["a"])
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert queues[0].qsize() == 1  # alone: at once
+        await asyncio.sleep(0.002)
+        for q in queues:
+            box.post(q, ["b"])
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert all(q.qsize() == 1 + (q is queues[0]) for q in queues)
+        assert box._interval == 64 * FLUSH_PER_REQUEST
+        box.post(queues[1], ["c"])
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert queues[1].qsize() == 1  # held back for the interval
+        await asyncio.sleep(0.1)
+        assert queues[1].qsize() == 2
+
+    asyncio.run(main())

@@ -703,7 +703,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="seconds a request has to send its whole body (408 after)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                   help="requests decoding at once; waiting ones join between steps")
+                   help="requests decoding at once; waiting ones join between steps (default: as many as a "
+                        "quarter of the free memory holds the KV caches of, 64 at most)")
     g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000,
                    help="an idle server waits this long for more requests once one has arrived")
     g.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
@@ -731,7 +732,9 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
-    for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens", "max_tokens_limit", "num_beams",
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise ValueError("--max-batch-size must be >= 1")
+    for name in ("max_queue", "max_prompt_tokens", "max_tokens", "max_tokens_limit", "num_beams",
                  "max_image_pixels", "max_step_tokens", "prefill_chunk", "max_connections", "max_running_requests"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

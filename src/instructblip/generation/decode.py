@@ -369,27 +369,37 @@ class Decoding:
         self.state.select(index)
         if self.logits is not None:
             self.logits = self.logits.index_select(0, index)
+        self._take(rows, index)
+        self._regroup()
+        if hasattr(self.state, "compact"):  # positions only the rows that left needed go
+            self.state.compact(self.room())
+
+    def _take(self, rows: Sequence[int], index: Tensor) -> None:
+        """`keep` for everything but the model state and the logits."""
         self.history = self.history.index_select(0, index)
         self.ignore = self.ignore.index_select(0, index) if self.ignore is not None else None
         self._unfinished = self._unfinished.index_select(0, index)
         for name in self._PER_ROW:
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in rows])
-        self._regroup()
-        if hasattr(self.state, "compact"):  # positions only the rows that left needed go
-            self.state.compact(self.room())
 
-    def admit(self, other: Decoding) -> None:
+    def admit(self, other: Decoding, keep: Sequence[int] | None = None) -> None:
         """Append the rows of `other`, a run over other prompts (its own prefill) that has not taken a step: from
         the next step on they decode with these rows. The running rows take their pending model step first, on
-        their own, so that every row then has the logits of its next token."""
+        their own, so that every row then has the logits of its next token. `keep`: the rows of this run that stay,
+        in order (default all); the others (finished) leave in the same copy of the cache."""
         if other.logits is None:
             raise ValueError("admit() takes a run before its first step")
         if self.rows and not self.done():
             mine = self._next_logits()
         else:
             mine = other.logits.new_zeros(self.rows, other.logits.shape[1])  # finished rows: never used
-        self.state.extend(other.state, max(self.room(), other.room()))
+        index = None
+        if keep is not None and list(keep) != list(range(self.rows)):
+            index = torch.tensor(list(keep), dtype=torch.long, device=self.history.device)
+            mine = mine.index_select(0, index)
+            self._take(keep, index)
+        self.state.extend(other.state, max(self.room(), other.room()), index)
         self.logits = torch.cat([mine, other.logits])
         pad = self.vocab_size  # the penalties' spare column: a padding id that matches no token
         width = max(self.history.shape[1], other.history.shape[1])

@@ -67,18 +67,31 @@ class KVCache:
         self.length, self.max_length = keep, capacity
         self.rope = None
 
-    def join(self, other: KVCache, capacity: int) -> tuple[int, int]:
-        """Append the rows of `other`, the filled positions of both ending at one column: the shorter side gets
-        padding columns in front. Returns (padding columns in front of this cache's rows, of other's)."""
-        length = max(self.length, other.length)
-        front, other_front = length - self.length, length - other.length
-        capacity = max(capacity, length)
-        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
-            for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
-                out = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])  # (Na + Nb, H, C, hd)
-                out[: a.shape[0], :, front:length] = a[:, :, : self.length]
-                out[a.shape[0]:, :, other_front:length] = b[:, :, : other.length]
-                mine[i] = out
+    def join(self, other: KVCache, room: int, index: Tensor | None = None, drop: int = 0) -> tuple[int, int]:
+        """Append the rows of `other` after this cache's rows `index` (all when None), without this cache's first
+        `drop` columns (padding in every kept row). The filled positions of both end at one column, the shorter side
+        getting padding columns in front, and `room` positions follow. Returns (padding columns in front of this
+        cache's rows, of other's).
+
+        The kept positions are copied once. The new buffers are allocated empty and only the padding in front is
+        zeroed: the positions after the filled ones are written before anything reads them, and a buffer of a
+        running batch is mostly such room."""
+        mine = self.length - drop
+        length = max(mine, other.length)
+        front, other_front = length - mine, length - other.length
+        capacity = length + room
+        for ours, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+                kept = a[:, :, drop:self.length]
+                if index is not None:
+                    kept = kept.index_select(0, index)
+                n = kept.shape[0]
+                out = a.new_empty(n + b.shape[0], a.shape[1], capacity, a.shape[3])  # (Na + Nb, H, C, hd)
+                out[:n, :, :front].zero_()
+                out[:n, :, front:length] = kept
+                out[n:, :, :other_front].zero_()
+                out[n:, :, other_front:length] = b[:, :, : other.length]
+                ours[i] = out
         self.length, self.max_length = length, capacity
         self.rope = None
         return front, other_front
@@ -324,14 +337,20 @@ class LlamaDecodeState:
             return self.attention_mask
         return self.attention_mask.new_ones(self.positions.shape[0], self.cache.length)
 
-    def extend(self, other: LlamaDecodeState, room: int) -> None:
-        """Append the rows of `other` (continuous batching: requests join a running batch). The rows keep their own
-        positions; the shorter side's filled positions get masked padding in front. `room`: positions needed after
-        the filled ones."""
+    def extend(self, other: LlamaDecodeState, room: int, index: Tensor | None = None) -> None:
+        """Append the rows of `other` (continuous batching: requests join a running batch) after this state's rows
+        `index` (all when None; the others are dropped in the same copy). The rows keep their own positions; the
+        shorter side's filled positions get masked padding in front, and leading positions that are padding in
+        every row are dropped. `room`: positions needed after the filled ones."""
         a, b = self._mask(), other._mask()
-        front, other_front = self.cache.join(other.cache, max(self.cache.length, other.cache.length) + room)
-        self.attention_mask = torch.cat([F.pad(a, (front, 0)), F.pad(b, (other_front, 0))])  # (Na + Nb, filled)
-        self.positions = torch.cat([self.positions, other.positions])
+        positions = self.positions
+        if index is not None:
+            a, positions = a.index_select(0, index), positions.index_select(0, index)
+        used = a.any(0)  # (filled,)
+        drop = int(used.int().argmax()) if bool(used.any()) else a.shape[1]
+        front, other_front = self.cache.join(other.cache, room, index, drop)
+        self.attention_mask = torch.cat([F.pad(a[:, drop:], (front, 0)), F.pad(b, (other_front, 0))])  # (N, filled)
+        self.positions = torch.cat([positions, other.positions])
         self.padded = not bool(self.attention_mask.all())
 
     def compact(self, room: int) -> None:

@@ -390,14 +390,16 @@ class T5DecodeState:
             return self.decoder_mask
         return self.encoder_mask.new_ones(self.encoder_mask.shape[0], self.cache.length)
 
-    def extend(self, other: T5DecodeState, room: int) -> None:
-        """Append the rows of `other` (continuous batching). Decoder positions: the shorter side gets masked padding
-        in front (relative position biases see the same distances); encoder positions: the shorter side's keys,
-        values and mask are padded at the end. `room`: decoder positions needed after the filled ones."""
+    def extend(self, other: T5DecodeState, room: int, index: Tensor | None = None) -> None:
+        """Append the rows of `other` (continuous batching) after this state's rows `index` (all when None).
+        Decoder positions: the shorter side gets masked padding in front (relative position biases see the same
+        distances); encoder positions: the shorter side's keys, values and mask are padded at the end. `room`:
+        decoder positions needed after the filled ones."""
+        if index is not None:
+            self.select(index)
         a, b = self._decoder_mask(), other._decoder_mask()
         cache, theirs = self.cache, other.cache
-        front, other_front = cache.self_attention.join(theirs.self_attention,
-                                                       max(cache.length, theirs.length) + room)
+        front, other_front = cache.self_attention.join(theirs.self_attention, room)
         mask = torch.cat([F.pad(a, (front, 0)), F.pad(b, (other_front, 0))])  # (Na + Nb, filled)
         self.decoder_mask = None if bool(mask.all()) else mask
         L = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])

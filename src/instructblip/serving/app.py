@@ -101,6 +101,7 @@ from instructblip.serving.scheduler import (
     Scheduler,
     ShuttingDown,
     TextDelta,
+    default_batch_size,
 )
 
 log = logging.getLogger("instructblip.serving.app")
@@ -189,7 +190,8 @@ class _Server:
         self.config = config
         self.processor = processor
         self.metrics = Metrics(config.model_name)
-        self.scheduler = Scheduler(model, processor, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+        batch = config.max_batch_size or default_batch_size(model, config.default_max_tokens)
+        self.scheduler = Scheduler(model, processor, max_batch_size=batch, max_queue=config.max_queue,
                                    batch_wait=config.batch_wait, on_batch=self.metrics.observe_batch,
                                    vision_cache=getattr(vlm, "vision_cache", None),
                                    max_step_tokens=config.max_step_tokens, prefill_chunk=config.prefill_chunk)
@@ -458,6 +460,23 @@ class _Server:
         usage = {"usage": None} if plan.include_usage else {}
         offsets = [0] * plan.n  # text completions: where each choice's next piece starts
 
+        templates: dict[int, tuple[str, str]] = {}
+
+        def text_chunk(index: int, piece: str) -> str:
+            """`chunk(index, {"content": piece})` without log-probabilities: the same bytes from a template."""
+            if text:
+                offsets[index] += len(piece)
+            if index not in templates:
+                marker = "\ue000piece\ue000"  # a private-use character: no model text, and JSON leaves it as is
+                if text:
+                    choice = {"index": index, "text": marker, "finish_reason": None, "logprobs": None}
+                else:
+                    choice = {"index": index, "delta": {"content": marker}, "finish_reason": None, "logprobs": None}
+                head, tail = _event({**base, "choices": [choice], **usage}).split(f'"{marker}"')
+                templates[index] = head, tail
+            head, tail = templates[index]
+            return head + json.dumps(piece, ensure_ascii=False) + tail
+
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> str:
             if text:
                 piece = delta.get("content", "")
@@ -483,8 +502,15 @@ class _Server:
                 while not events.empty():  # a client that reads slower than tokens come gets them in one write
                     batch += events.get_nowait()
                 finished, out = False, []
-                for event in batch:
-                    if isinstance(event, TextDelta):
+                pieces: list[str] = []  # text of consecutive deltas of one choice: sent as one chunk
+                for event, following in zip(batch, [*batch[1:], None], strict=True):
+                    if isinstance(event, TextDelta) and event.logprobs is None:
+                        pieces.append(event.text)
+                        if not (isinstance(following, TextDelta) and following.logprobs is None
+                                and following.index == event.index):
+                            out.append(text_chunk(event.index, "".join(pieces)))
+                            pieces = []
+                    elif isinstance(event, TextDelta):
                         out.append(chunk(event.index, {"content": event.text}, logprobs=event.logprobs))
                     elif isinstance(event, ChoiceEnd):
                         out.append(chunk(event.index, {}, event.finish_reason))
@@ -526,16 +552,26 @@ class _Server:
 # waiting for the worker
 
 
+# Under load the loop takes the worker's events at most every FLUSH_PER_REQUEST seconds per request that had events
+# in the last flush, FLUSH_MAX at most (32 ms for 64 streams; a lone stream gets every token as it comes). Each
+# flush writes to every stream, and with a write per stream and step (a system call and a pass through the ASGI
+# stack each) the event loop took more of the cores than the decoding did (docs/performance.md, "Serving").
+FLUSH_PER_REQUEST = 0.0005
+FLUSH_MAX = 0.05
+
+
 class _Mailbox:
     """Events from the worker thread to the event loop. The worker posts one list per request and step; one wake-up
     of the loop carries everything posted since the last, instead of one wake-up per request and step (a batch of
-    64 streams would wake the loop 64 times a step)."""
+    64 streams would wake the loop 64 times a step), and wake-ups are spaced out under load (FLUSH_PER_REQUEST)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, list]] = []
         self._scheduled = False
+        self._last = 0.0  # loop.time() of the last flush
+        self._interval = 0.0  # seconds from one flush to the next at the least
 
     def post(self, queue: asyncio.Queue, batch: list) -> None:
         with self._lock:
@@ -543,13 +579,22 @@ class _Mailbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.loop.call_soon_threadsafe(self._flush)
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        wait = self._last + self._interval - self.loop.time()
+        if wait > 0:
+            self.loop.call_later(wait, self._flush)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
+        self._last = self.loop.time()
         with self._lock:
             items, self._items, self._scheduled = self._items, [], False
         for queue, batch in items:
             queue.put_nowait(batch)
+        self._interval = min(FLUSH_MAX, FLUSH_PER_REQUEST * len({id(queue) for queue, _ in items}))
 
 
 async def _next_events(job: Job, events: asyncio.Queue, watcher: asyncio.Future | None) -> list:

@@ -72,7 +72,8 @@ class ServerConfig:
 
     model_name: str = "instructblip"  # the id clients send as `model` (and /v1/models lists)
     api_key: str | None = None
-    max_batch_size: int = 16  # requests running at once (decoding, prefilling, searching beams)
+    max_batch_size: int | None = None  # requests running at once (decoding, prefilling, searching beams); None: as
+    # many as a quarter of the free memory holds the KV caches of, 64 at most (`scheduler.default_batch_size`)
     batch_wait: float = 0.005  # seconds an idle worker waits for more requests once one has arrived
     max_queue: int = 64
     max_step_tokens: int = 1024  # positions one step runs: the running rows plus a prefill chunk

@@ -11,8 +11,9 @@ One iteration of the worker:
 2. decode: one step of the running batch, `generation.Decoding`, the token iterator `generate` runs on. Every row
    has its own settings (a `GenerationConfig`: lengths, sampling, penalties, seed, stop strings) and step count,
    and stops on its own (eos, max_tokens, a stop string, its client gone, its deadline). A request whose rows are
-   all done leaves the batch at once (the KV cache is compacted); an admission group whose prefill is done joins it
-   (`Decoding.admit`). Sampling with `n` > 1 gives n rows; greedy `n` > 1 decodes one row and returns n copies.
+   all done is answered at once; its rows leave the batch when the next admission group joins it
+   (`Decoding.admit`, one copy of the KV cache for both) or once half the batch has ended. Sampling with `n` > 1
+   gives n rows; greedy `n` > 1 decodes one row and returns n copies.
 3. one step of every beam search in the lane, so that a long search does not hold up the sampled and greedy rows
    (nor they it).
 4. results go back through each request's `emit` callback (called from this thread) as lists of events:
@@ -146,6 +147,43 @@ class Job:
 # "Serving").
 ADMIT_FRACTION = 4
 ADMIT_INTERVAL = 8
+# Rows of requests that ended stay in the batch, decoding padding, until the next admission group joins (the join
+# copies the cache anyway and leaves them out) or until they are as many as the running rows: leaving at once
+# copied the whole cache at every departure, and a step costs far less than in proportion to its rows.
+
+
+# Without `max_batch_size`, as many requests run at once as leave BATCH_MEMORY_SHARE of the memory free after loading
+# to their KV caches (answers of the default length), MAX_DEFAULT_BATCH at most: a decoding step costs far less than
+# in proportion to its rows (docs/performance.md, "Serving"), so a fuller batch is more throughput for little latency.
+BATCH_MEMORY_SHARE = 0.25
+MAX_DEFAULT_BATCH = 64
+
+
+def default_batch_size(model, answer_tokens: int, available: int | None = None) -> int:
+    """`max_batch_size` for `model` when none is set: MAX_DEFAULT_BATCH, or fewer where the KV caches of that many
+    requests (each `answer_tokens` after a prompt of the query tokens and 64 more) would take more than
+    BATCH_MEMORY_SHARE of `available` bytes (default: what the model's device has free)."""
+    config = model.config
+    text = config.text_config
+    if text.is_encoder_decoder:  # T5: self-attention over the answer, cross-attention over the prompt
+        layers, width = text.num_decoder_layers, text.num_heads * text.d_kv
+    else:
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        layers, width = text.num_hidden_layers, heads * (getattr(text, "head_dim", None)
+                                                         or text.hidden_size // text.num_attention_heads)
+    positions = config.num_query_tokens + 64 + answer_tokens
+    per_request = 2 * layers * width * positions * model.dtype.itemsize  # keys and values
+    if available is None:
+        device = model.device
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[0]
+        else:
+            from instructblip.weights.memory import available_bytes
+
+            available = available_bytes()
+    if available is None:
+        return MAX_DEFAULT_BATCH
+    return max(1, min(MAX_DEFAULT_BATCH, int(available * BATCH_MEMORY_SHARE) // per_request))
 
 
 class QueueFull(Exception):
@@ -276,7 +314,7 @@ class Scheduler:
 
     def _active_jobs(self) -> list[Job]:
         jobs = {id(job): job for job in list(self._starting)}
-        jobs.update((id(row.job), row.job) for row in list(self._rows))
+        jobs.update((id(row.job), row.job) for row in list(self._rows) if not row.done)
         admission = self._admission
         if admission is not None:
             jobs.update((id(job), job) for job in admission.jobs)
@@ -456,12 +494,13 @@ class Scheduler:
         if self._run is None:
             self._run, self._rows = run, admission.rows
             return
+        keep = _live(self._rows)  # requests that ended leave in the copy the join makes anyway
         try:
-            self._run.admit(run)
+            self._run.admit(run, keep)
         except Exception:  # the running batch may be half joined: nothing in it can go on
             self._fail_running()
             raise
-        self._rows = self._rows + admission.rows
+        self._rows = [self._rows[i] for i in keep] + admission.rows
         self.joins += 1
 
     def _start_beams(self, jobs: list[Job], chunked: bool) -> None:
@@ -523,7 +562,7 @@ class Scheduler:
         keep = [i for i, row in enumerate(rows) if not all(r.done for r in rows_of[id(row.job)])]
         if not keep:
             self._run, self._rows = None, []
-        elif len(keep) < len(rows):
+        elif len(rows) - len(keep) >= len(keep):  # ended rows as many as running ones: they leave (see above)
             run.keep(keep)
             self._rows = [rows[i] for i in keep]
 
@@ -675,6 +714,12 @@ class _Row:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _live(rows: list[_Row]) -> list[int]:
+    """The rows whose request still runs: a request's rows leave together, once all are done."""
+    running = {id(row.job) for row in rows if not row.done}
+    return [i for i, row in enumerate(rows) if id(row.job) in running]
 
 
 def _beam_group(job: Job) -> tuple:
