@@ -254,7 +254,8 @@ def test_the_default_batch_is_what_memory_holds(tmp_path):
 
 def test_under_load_the_event_loop_takes_the_workers_events_less_often():
     """The worker's events reach the event loop at once for a lone request, and at most every 0.5 ms per request
-    that had events under load (each flush writes to every stream; `_Mailbox`)."""
+    that had events under load (each flush writes to every stream; `_Mailbox`), but for a request's first token and
+    its end, which go out at once."""
     from instructblip.serving.app import FLUSH_PER_REQUEST, _Mailbox
 
     async def main():
@@ -275,6 +276,13 @@ def test_under_load_the_event_loop_takes_the_workers_events_less_often():
         for _ in range(2):
             await asyncio.sleep(0)
         assert queues[1].qsize() == 1  # held back for the interval
+        box.post(queues[2], ["c"])
+        box.post(queues[2], ["the end"], urgent=True)
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert queues[2].qsize() == 3  # an urgent event goes out at once, after what its request had pending
+        assert [queues[2].get_nowait() for _ in range(3)] == [["b"], ["c"], ["the end"]]
+        assert queues[1].qsize() == 1  # the others still wait
         await asyncio.sleep(0.1)
         assert queues[1].qsize() == 2
 

@@ -388,8 +388,15 @@ class _Server:
         events: asyncio.Queue = asyncio.Queue()
         mailbox = self.mailbox
 
+        started = False
+
         def emit(batch: list) -> None:  # called from the worker thread
-            mailbox.post(events, batch)
+            nonlocal started
+            text = any(isinstance(e, TextDelta) for e in batch)
+            # the first token and the end go out at once: time to first token and end-to-end latency
+            urgent = (text and not started) or any(isinstance(e, (Completed, Failed)) for e in batch)
+            started = started or text
+            mailbox.post(events, batch, urgent)
 
         image_tokens = self.image_tokens * (pixels.shape[0] if plan.video else 1)
         job = Job(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=input_ids,
@@ -553,7 +560,8 @@ class _Server:
 
 
 # Under load the loop takes the worker's events at most every FLUSH_PER_REQUEST seconds per request that had events
-# in the last flush, FLUSH_MAX at most (32 ms for 64 streams; a lone stream gets every token as it comes). Each
+# in the last flush, FLUSH_MAX at most (32 ms for 64 streams; a lone stream gets every token as it comes, and every
+# request its first token and its end at once). Each
 # flush writes to every stream, and with a write per stream and step (a system call and a pass through the ASGI
 # stack each) the event loop took more of the cores than the decoding did (docs/performance.md, "Serving").
 FLUSH_PER_REQUEST = 0.0005
@@ -570,16 +578,24 @@ class _Mailbox:
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, list]] = []
         self._scheduled = False
+        self._urgent: set[asyncio.Queue] = set()  # requests with an event to deliver at once
+        self._urgent_scheduled = False
         self._last = 0.0  # loop.time() of the last flush
         self._interval = 0.0  # seconds from one flush to the next at the least
 
-    def post(self, queue: asyncio.Queue, batch: list) -> None:
+    def post(self, queue: asyncio.Queue, batch: list, urgent: bool = False) -> None:
+        """`urgent`: deliver this request's events without waiting for the interval (its first token, its end)."""
         with self._lock:
             self._items.append((queue, batch))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self.loop.call_soon_threadsafe(self._wake)
+            call = None
+            if urgent:
+                self._urgent.add(queue)
+                if not self._urgent_scheduled:
+                    self._urgent_scheduled, call = True, self._flush_urgent
+            elif not self._scheduled:
+                self._scheduled, call = True, self._wake
+        if call is not None:
+            self.loop.call_soon_threadsafe(call)
 
     def _wake(self) -> None:
         wait = self._last + self._interval - self.loop.time()
@@ -589,12 +605,24 @@ class _Mailbox:
             self._flush()
 
     def _flush(self) -> None:
-        self._last = self.loop.time()
         with self._lock:
             items, self._items, self._scheduled = self._items, [], False
+            self._urgent.clear()
+        if not items:  # urgent flushes took them
+            return
+        self._last = self.loop.time()
         for queue, batch in items:
             queue.put_nowait(batch)
         self._interval = min(FLUSH_MAX, FLUSH_PER_REQUEST * len({id(queue) for queue, _ in items}))
+
+    def _flush_urgent(self) -> None:
+        """The events of the requests that posted something urgent, in order; the others wait for `_flush`."""
+        with self._lock:
+            urgent, self._urgent, self._urgent_scheduled = self._urgent, set(), False
+            items = [(queue, batch) for queue, batch in self._items if queue in urgent]
+            self._items = [(queue, batch) for queue, batch in self._items if queue not in urgent]
+        for queue, batch in items:
+            queue.put_nowait(batch)
 
 
 async def _next_events(job: Job, events: asyncio.Queue, watcher: asyncio.Future | None) -> list:

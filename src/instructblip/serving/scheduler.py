@@ -147,9 +147,6 @@ class Job:
 # "Serving").
 ADMIT_FRACTION = 4
 ADMIT_INTERVAL = 8
-# Rows of requests that ended stay in the batch, decoding padding, until the next admission group joins (the join
-# copies the cache anyway and leaves them out) or until they are as many as the running rows: leaving at once
-# copied the whole cache at every departure, and a step costs far less than in proportion to its rows.
 
 
 # Without `max_batch_size`, as many requests run at once as leave BATCH_MEMORY_SHARE of the memory free after loading
@@ -559,10 +556,18 @@ class Scheduler:
         self._deliver(rows, rows_of)
         # a job's rows leave the batch together, once all are done: its sampled rows share one generator, whose
         # draws depend on how many rows it samples (so the answers stay those of the request alone)
-        keep = [i for i, row in enumerate(rows) if not all(r.done for r in rows_of[id(row.job)])]
+        keep = _live(rows)
         if not keep:
             self._run, self._rows = None, []
-        elif len(rows) - len(keep) >= len(keep):  # ended rows as many as running ones: they leave (see above)
+            return
+        for i, row in enumerate(rows):
+            if row.done and run.reason[i] is None:  # cancelled, timed out: padding from now on
+                run.finish(i, "abort")
+        # Rows of requests that ended stay in the batch, decoding padding, until the next admission group joins
+        # (the join copies the cache anyway and leaves them out) or until they are as many as the running rows:
+        # leaving at once copied the whole cache at every departure, and a step costs far less than in proportion
+        # to its rows (docs/performance.md, "Serving").
+        if len(rows) - len(keep) >= len(keep):
             run.keep(keep)
             self._rows = [rows[i] for i in keep]
 
