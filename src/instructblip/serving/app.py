@@ -561,9 +561,9 @@ class _Server:
 
 # Under load the loop takes the worker's events at most every FLUSH_PER_REQUEST seconds per request that had events
 # in the last flush, FLUSH_MAX at most (32 ms for 64 streams; a lone stream gets every token as it comes, and every
-# request its first token and its end at once). Each
-# flush writes to every stream, and with a write per stream and step (a system call and a pass through the ASGI
-# stack each) the event loop took more of the cores than the decoding did (docs/performance.md, "Serving").
+# request its first token and its end at once). Each flush writes to every stream, and with a write per stream and
+# step (a system call and a pass through the ASGI stack each) the event loop took more of the cores than the
+# decoding did (docs/performance.md, "Serving").
 FLUSH_PER_REQUEST = 0.0005
 FLUSH_MAX = 0.05
 
