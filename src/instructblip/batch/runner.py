@@ -110,6 +110,9 @@ def _run(config: BatchConfig, place: Dist, log) -> Summary:
     summary = Summary(*all_sum(place, [plan.records, plan.done, answered, failed]))
     if place.rank == 0 and part_files(config.output):
         summary.merged = merge(config.output).parts
+    # the ranks leave together: a rank that tore its process group down while rank 0 still merged sometimes died
+    # at exit (std::terminate in a gloo thread), failing a run whose output was complete
+    barrier(place)
     return summary
 
 
