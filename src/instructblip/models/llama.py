@@ -315,6 +315,12 @@ class Llama(DecoderOnly):
         return self.norm(x)
 
 
+def leading_padding(mask: Tensor) -> int:
+    """How many leading columns of `mask` (N, filled) are padding in every row (all of them when N is 0)."""
+    used = mask.any(0)  # (filled,)
+    return int(used.int().argmax()) if bool(used.any()) else mask.shape[1]
+
+
 class LlamaDecodeState:
     """What a decoder-only (LLaMA, OPT) decoding run carries between steps: the KV cache, the mask over the cached
     positions (kept only when the prompt has padding; without, steps need no mask), and each row's last position."""
@@ -346,8 +352,7 @@ class LlamaDecodeState:
         positions = self.positions
         if index is not None:
             a, positions = a.index_select(0, index), positions.index_select(0, index)
-        used = a.any(0)  # (filled,)
-        drop = int(used.int().argmax()) if bool(used.any()) else a.shape[1]
+        drop = leading_padding(a)
         front, other_front = self.cache.join(other.cache, room, index, drop)
         self.attention_mask = torch.cat([F.pad(a[:, drop:], (front, 0)), F.pad(b, (other_front, 0))])  # (N, filled)
         self.positions = torch.cat([positions, other.positions])
@@ -356,8 +361,7 @@ class LlamaDecodeState:
     def compact(self, room: int) -> None:
         """Drop leading positions that are padding in every row (rows that left), and make room for `room` more."""
         mask = self._mask()
-        used = mask.any(0)  # (filled,)
-        drop = int(used.int().argmax()) if bool(used.any()) else mask.shape[1]
+        drop = leading_padding(mask)
         if drop or self.cache.length + room > self.cache.max_length:
             self.cache.relayout(drop, self.cache.length - drop + room)
             self.attention_mask = mask[:, drop:]

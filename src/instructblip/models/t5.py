@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from instructblip.models.config import T5Config
-from instructblip.models.llama import KVCache
+from instructblip.models.llama import KVCache, leading_padding
 
 _ACT = {
     "gelu": F.gelu,
@@ -416,8 +416,7 @@ class T5DecodeState:
         """Drop leading decoder positions that are padding in every row, and make room for `room` more."""
         own = self.cache.self_attention
         mask = self._decoder_mask()
-        used = mask.any(0)
-        drop = int(used.int().argmax()) if bool(used.any()) else mask.shape[1]
+        drop = leading_padding(mask)
         if drop or own.length + room > own.max_length:
             own.relayout(drop, own.length - drop + room)
             mask = mask[:, drop:]
